@@ -1,0 +1,360 @@
+"""The growth loop: train a round with DessiLBI, read Gamma, grow, repeat; then fine-tune and export.
+
+Every finished round leaves a checkpoint (the grown model and the optimizer state it starts the
+next round with, plus the history so far), written atomically, so a run killed at any moment
+resumes from its last finished round with `resume=True`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import search_spaces
+from grow import morph
+from grow.cost import count_macs, count_params
+from grow.data import Batches, Splits, load_dataset
+from grow.errors import GrowError
+from grow.export import save_model, save_weights
+from grow.fileio import atomic_path, write_json
+from grow.optim import DessiLBI
+from grow.policy import Budget, lbi_param_groups, plan_growth, selection_ratios
+from grow.report import NullReporter, Reporter
+from grow.spec import ArchSpec, build
+from grow.train import Diverged, evaluate, train_epoch
+
+
+@dataclass
+class GrowConfig:
+    """Everything a growth run depends on; saved as config.json in the run folder.
+
+    Defaults, and why:
+    - lr 0.1, momentum 0.9, weight_decay 5e-4, batch 128: the usual CIFAR SGD recipe.
+    - kappa 1: the paper's value; W and Gamma live on the same scale.
+    - mu None: chosen from the round length so that Gamma's path advances the same
+      `path_per_round` in every round, whatever the dataset size (see DESIGN.md: the time at
+      which filters switch on scales with mu/lr and the number of steps, not with epochs).
+    - tau 0.9: a layer whose filters are 90% switched on is saturated.
+    - widen_ratio 0.5 with at least widen_min 4 filters: a saturated layer grows by half.
+    """
+
+    dataset: str = "cifar10"
+    data_dir: Optional[str] = None
+    space: str = "vgg"
+    budget_macs: Optional[int] = None
+    budget_params: Optional[int] = None
+    out: str = "runs/grow"
+    epochs_per_round: int = 2
+    max_rounds: int = 8
+    finetune_epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    finetune_lr: Optional[float] = None
+    kappa: float = 1.0
+    mu: Optional[float] = None
+    path_per_round: float = 2.5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    tau: float = 0.9
+    widen_ratio: float = 0.5
+    widen_min: int = 4
+    seed: int = 0
+    device: str = "auto"
+    val_fraction: float = 0.1
+    train_subset: Optional[int] = None
+    download: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GrowConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check(self) -> None:
+        """Raise GrowError on values that cannot work, before any data is read."""
+        for name in ("budget_macs", "budget_params"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise GrowError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        positive = ("epochs_per_round", "max_rounds", "batch_size", "lr", "kappa", "path_per_round", "widen_min")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise GrowError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.finetune_epochs < 0:
+            raise GrowError(f"finetune-epochs must be 0 or more, got {self.finetune_epochs}")
+        if self.mu is not None and not self.mu > 0:
+            raise GrowError(f"mu must be positive, got {self.mu}")
+        if not 0 < self.tau <= 1:
+            raise GrowError(f"tau must be in (0, 1], got {self.tau}")
+        if self.space not in search_spaces.names():
+            raise GrowError(f"unknown search space {self.space!r}; choose one of {', '.join(search_spaces.names())}")
+
+
+@dataclass
+class GrowResult:
+    out: Path
+    model: nn.Module
+    history: dict
+    test_accuracy: Optional[float]
+    status: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GrowError(f"device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GrowError(f"device {name!r} was asked for but this machine has no usable CUDA GPU")
+    return device
+
+
+class _Run:
+    """State of one run: the data, the current model and optimizer, and the history."""
+
+    def __init__(self, config: GrowConfig, reporter: Reporter):
+        self.config = config
+        self.reporter = reporter
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        self.budget = Budget(config.budget_macs, config.budget_params)
+        self.splits: Splits = load_dataset(
+            config.dataset, config.data_dir, val_fraction=config.val_fraction,
+            seed=config.seed, train_subset=config.train_subset, download=config.download,
+        )
+        info = self.splits.info
+        self.train_batches = Batches(self.splits.train, config.batch_size, info=info, train=True,
+                                     device=self.device, seed=config.seed)
+        self.val_batches = Batches(self.splits.val, 512, info=info, train=False, device=self.device)
+        self.history: dict[str, Any] = {"config": config.to_dict(), "dataset": _dataset_summary(self.splits),
+                                        "rounds": [], "finetune": None, "test": None}
+        self.epoch = 0  # epochs trained so far, all phases: seeds the data order
+
+    # --- model and optimizer -------------------------------------------------------------
+    def mu(self) -> float:
+        if self.config.mu is not None:
+            return self.config.mu
+        steps = len(self.train_batches) * self.config.epochs_per_round
+        return self.config.lr * steps / self.config.path_per_round
+
+    def make_optimizer(self, model: nn.Module) -> DessiLBI:
+        c = self.config
+        return DessiLBI(lbi_param_groups(model), lr=c.lr, kappa=c.kappa, mu=self.mu(),
+                        momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def seed_model(self) -> nn.Module:
+        info = self.splits.info
+        family = search_spaces.get(self.config.space)
+        spec = family.seed(info.input_shape, info.num_classes,
+                           normalization={"mean": list(info.mean), "std": list(info.std)})
+        torch.manual_seed(self.config.seed)
+        model = build(spec)
+        if not self.budget.fits(model):
+            raise GrowError(
+                f"the seed network of {self.config.space!r} already needs {count_macs(spec):,} MACs and "
+                f"{count_params(spec):,} parameters, above the budget; raise the budget"
+            )
+        return model.to(self.device)
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self, model: nn.Module, optimizer: DessiLBI, next_round: int, growth_done: bool) -> None:
+        """Save the state the next round starts from; the pointer file moves last."""
+        folder = self.out / "checkpoints" / f"round-{next_round:03d}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "spec.json").write_text(model.spec.to_json())
+        save_weights(model, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "history.json", self.history)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        write_json(self.out / "checkpoint.json", {
+            "next_round": next_round, "growth_done": growth_done, "epoch": self.epoch,
+            "path": str(folder.relative_to(self.out)),
+        })
+        write_json(self.out / "history.json", self.history)
+
+    def restore(self) -> tuple[nn.Module, DessiLBI, int, bool]:
+        pointer = json.loads((self.out / "checkpoint.json").read_text())
+        folder = self.out / pointer["path"]
+        spec = ArchSpec.from_json((folder / "spec.json").read_text())
+        model = build(spec)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        model.to(self.device)
+        optimizer = self.make_optimizer(model)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
+                                             weights_only=True))
+        self.history = json.loads((folder / "history.json").read_text())
+        self.epoch = pointer["epoch"]
+        return model, optimizer, pointer["next_round"], pointer["growth_done"]
+
+    # --- phases --------------------------------------------------------------------------
+    def train_one_epoch(self, model, optimizer, label, scheduler=None):
+        self.train_batches.set_epoch(self.epoch)
+        self.reporter.epoch_start(label, len(self.train_batches))
+        try:
+            stats = train_epoch(model, optimizer, self.train_batches, scheduler=scheduler,
+                                on_batch=self.reporter.batch)
+        except Diverged as err:
+            raise GrowError(
+                f"training diverged in {label}: {err}; the last finished round is kept in "
+                f"{self.out} -- lower --lr (now {optimizer.param_groups[0]['lr']:g}) and start again"
+            ) from None
+        self.epoch += 1
+        val_loss, val_acc = evaluate(model, self.val_batches)
+        record = {"epoch": self.epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                  "val_loss": val_loss, "val_accuracy": val_acc, "seconds": stats.seconds, "images": stats.images,
+                  "images_per_second": stats.images_per_second}
+        return record
+
+    def grow_round(self, model: nn.Module, optimizer: DessiLBI, index: int) -> tuple[nn.Module, DessiLBI, bool]:
+        c = self.config
+        start = time.perf_counter()
+        spec = model.spec
+        self.reporter.round_start(index, c.max_rounds, spec, count_macs(spec), count_params(spec))
+        epochs = []
+        for e in range(c.epochs_per_round):
+            record = self.train_one_epoch(model, optimizer, f"round {index} epoch {e + 1}/{c.epochs_per_round}")
+            record["selection_ratio"] = selection_ratios(model, optimizer)
+            epochs.append(record)
+            self.reporter.epoch_end(record)
+        ratios = epochs[-1]["selection_ratio"]
+        units = morph.units(model)
+        round_record = {
+            "round": index, "spec": spec.to_dict(), "macs": count_macs(spec), "params": count_params(spec),
+            "widths": {u.name: u.width for u in units}, "epochs": epochs,
+            "train_accuracy": epochs[-1]["train_accuracy"], "train_loss": epochs[-1]["train_loss"],
+            "val_accuracy": epochs[-1]["val_accuracy"], "val_loss": epochs[-1]["val_loss"],
+            "mu": self.mu(), "actions": [], "notes": [],
+        }
+        done = index >= c.max_rounds
+        if done:
+            round_record["stop"] = f"reached --max-rounds {c.max_rounds}"
+        else:
+            generator = torch.Generator().manual_seed(c.seed * 1000 + index)
+            grown, actions, notes = plan_growth(
+                model.cpu(), ratios, self.budget, tau=c.tau, widen_ratio=c.widen_ratio,
+                widen_min=c.widen_min, generator=generator,
+            )
+            model.to(self.device)
+            round_record["actions"] = [a.to_dict() for a in actions]
+            round_record["notes"] = notes
+            if not actions:
+                done = True
+                saturated = any(r >= c.tau for r in ratios.values())
+                round_record["stop"] = ("no growth step fits the budget" if saturated
+                                        else f"no layer is saturated (selection ratio >= tau {c.tau})")
+            else:
+                grown = grown.to(self.device)
+                new_optimizer = self.make_optimizer(grown)
+                morph.move_optimizer_state(model, optimizer, grown, new_optimizer)
+                model, optimizer = grown, new_optimizer
+        round_record["seconds"] = time.perf_counter() - start
+        self.history["rounds"].append(round_record)
+        self.reporter.round_end(round_record, units)
+        return model, optimizer, done
+
+    def finetune(self, model: nn.Module) -> nn.Module:
+        """Plain SGD with a cosine schedule on the dense weights of the grown network."""
+        c = self.config
+        lr = c.finetune_lr if c.finetune_lr is not None else c.lr
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=c.momentum, nesterov=True,
+                                    weight_decay=c.weight_decay)
+        steps = max(1, c.finetune_epochs * len(self.train_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        epochs = []
+        self.reporter.phase("fine-tune", c.finetune_epochs)
+        for e in range(c.finetune_epochs):
+            record = self.train_one_epoch(model, optimizer, f"fine-tune epoch {e + 1}/{c.finetune_epochs}",
+                                          scheduler=scheduler)
+            epochs.append(record)
+            self.reporter.epoch_end(record)
+        self.history["finetune"] = {"epochs": epochs, "lr": lr}
+        return model
+
+
+def _dataset_summary(splits: Splits) -> dict:
+    info = splits.info
+    return {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
+            "train": len(splits.train.labels), "val": len(splits.val.labels), "test": len(splits.test.labels)}
+
+
+def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, resume: bool = False) -> GrowResult:
+    """Grow a network for `config.dataset` within the budget, fine-tune it, export it to `config.out`.
+
+    With `resume=True`, continue the run in `config.out` from its last finished round.
+    Raises GrowError (one clear sentence) for problems the user can fix.
+    """
+    config.check()
+    reporter = reporter or NullReporter()
+    out = Path(config.out)
+    if resume and not (out / "checkpoint.json").exists():
+        raise GrowError(f"{out} holds no checkpoint to resume from")
+    if not resume and (out / "checkpoint.json").exists():
+        raise GrowError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json(out / "config.json", config.to_dict())
+    run = _Run(config, reporter)
+    reporter.start(config, run.splits.info, run.device)
+    start_round, growth_done = 1, False
+    if resume:
+        model, optimizer, start_round, growth_done = run.restore()
+        reporter.message(f"resuming {out} at round {start_round}")
+    else:
+        model = run.seed_model()
+        optimizer = run.make_optimizer(model)
+    index = start_round
+    while not growth_done:
+        model, optimizer, growth_done = run.grow_round(model, optimizer, index)
+        run.checkpoint(model, optimizer, index + 1, growth_done)
+        index += 1
+    model = run.finetune(model)
+    test_batches = Batches(run.splits.test, 512, info=run.splits.info, train=False, device=run.device)
+    test_loss, test_acc = evaluate(model, test_batches)
+    run.history["test"] = {"loss": test_loss, "accuracy": test_acc}
+    final_val = run.history["finetune"]["epochs"][-1]["val_accuracy"] if config.finetune_epochs else \
+        run.history["rounds"][-1]["val_accuracy"]
+    metrics = {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": final_val,
+               "epochs": run.epoch, "dataset": run.splits.info.name,
+               "train_macs": training_macs(run.history)}
+    model_json = save_model(model.cpu(), out, metrics=metrics, extra={"classes": list(run.splits.info.classes)})
+    run.history["final"] = {"macs": count_macs(model.spec), "params": count_params(model.spec),
+                            "model_json": str(model_json), "spec": model.spec.to_dict(), **metrics}
+    write_json(out / "history.json", run.history)
+    _plot(out, run.history, reporter)
+    reporter.finish(run.history, metrics)
+    return GrowResult(out, model, run.history, test_acc, "finished")
+
+
+def training_macs(history: dict) -> int:
+    """Training compute of a run: images seen x MACs per image x 3 (forward + backward ~ 3 forwards)."""
+    total = 0
+    for r in history["rounds"]:
+        total += sum(3 * r["macs"] * e["images"] for e in r["epochs"])
+    finetune = history.get("finetune") or {"epochs": []}
+    final_macs = history["rounds"][-1]["macs"] if history["rounds"] else 0
+    total += sum(3 * final_macs * e["images"] for e in finetune["epochs"])
+    return total
+
+
+def _plot(out: Path, history: dict, reporter: Reporter) -> None:
+    try:
+        from grow.plots import plot_history
+        plot_history(history, out)
+    except Exception as err:  # a plot is a convenience: never lose a finished run over it
+        reporter.message(f"plots skipped: {err}")

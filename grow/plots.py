@@ -1,0 +1,73 @@
+"""PNG plots of a run: the selection-ratio path (the inverse scale space), widths, accuracy vs MACs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _series(history: dict) -> tuple[dict[str, list], dict[str, list]]:
+    """Per unit: (epoch, selection ratio) points and (round, width) points."""
+    ratios: dict[str, list] = {}
+    widths: dict[str, list] = {}
+    for r in history["rounds"]:
+        for e in r["epochs"]:
+            for name, value in e["selection_ratio"].items():
+                ratios.setdefault(name, []).append((e["epoch"], value))
+        for name, width in r["widths"].items():
+            widths.setdefault(name, []).append((r["round"], width))
+    return ratios, widths
+
+
+def _lines(ax, series: dict[str, list]) -> None:
+    for name, points in series.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    if len(series) <= 16:
+        ax.legend(fontsize=7, ncol=2)
+
+
+def plot_history(history: dict, out: str | Path) -> list[Path]:
+    """Write selection_ratio.png, widths.png and accuracy_macs.png into `out`; return their paths."""
+    out = Path(out)
+    ratios, widths = _series(history)
+    tau = history["config"]["tau"]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _lines(ax, ratios)
+    ax.axhline(tau, color="grey", linestyle="--", linewidth=1)
+    for r in history["rounds"][1:]:
+        ax.axvline(r["epochs"][0]["epoch"] - 0.5, color="lightgrey", linewidth=0.8)
+    ax.set(xlabel="epoch", ylabel="selection ratio (share of filters with Gamma != 0)",
+           title=f"Gamma path per layer (dashed: tau = {tau}; grey: growth steps)", ylim=(-0.02, 1.02))
+    paths.append(_save(fig, out / "selection_ratio.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _lines(ax, widths)
+    ax.set(xlabel="round", ylabel="width (output channels)", title="layer widths over rounds")
+    paths.append(_save(fig, out / "widths.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    macs = [r["macs"] / 1e6 for r in history["rounds"]]
+    acc = [r["val_accuracy"] for r in history["rounds"]]
+    ax.plot(macs, acc, marker="o", label="end of round (DessiLBI)")
+    for m, a, r in zip(macs, acc, history["rounds"]):
+        ax.annotate(str(r["round"]), (m, a), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    if history.get("finetune") and history["finetune"]["epochs"]:
+        ax.plot([macs[-1]], [history["finetune"]["epochs"][-1]["val_accuracy"]], marker="*", markersize=12,
+                linestyle="none", label="after fine-tune")
+    ax.set(xlabel="MACs per image (millions)", ylabel="validation accuracy", title="accuracy against cost")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "accuracy_macs.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
