@@ -1,0 +1,139 @@
+"""A whole growth run on the synthetic set: grows, stays in budget, exports, loads, resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import grow
+from grow.controller import grow_network
+from grow.errors import GrowError
+from grow.report import Reporter
+from tests.helpers import ROOT, run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = grow_network(tiny_config(out))
+    return out, result
+
+
+def test_run_grows_within_budget_and_exports(finished_run):
+    out, result = finished_run
+    history = json.loads((out / "history.json").read_text())
+    rounds = history["rounds"]
+    assert len(rounds) >= 2
+    assert rounds[-1]["macs"] > rounds[0]["macs"], "the network grew"
+    assert all(r["macs"] <= 2_000_000 for r in rounds)
+    assert any(r["actions"] for r in rounds)
+    for r in rounds:
+        assert {"macs", "params", "widths", "actions", "val_accuracy", "epochs"} <= set(r)
+        assert all(0 <= v <= 1 for v in r["epochs"][-1]["selection_ratio"].values())
+    record = json.loads((out / "model.json").read_text())
+    for key in ("format", "space", "input_shape", "num_classes", "macs", "params", "normalization", "metrics"):
+        assert key in record
+    assert record["macs"] == rounds[-1]["macs"] <= 2_000_000
+    assert record["metrics"]["test_accuracy"] > 0.3, "well above 10% chance on the synthetic classes"
+    for png in ("selection_ratio.png", "widths.png", "accuracy_macs.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_model_json_macs_match_flop_counter(finished_run):
+    out, _ = finished_run
+    model = grow.load_model(out / "model.json")
+    record = json.loads((out / "model.json").read_text())
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.rand(1, *record["input_shape"]))
+    assert abs(counter.get_total_flops() / 2 - record["macs"]) <= 0.01 * record["macs"]
+
+
+def test_load_in_a_fresh_process_gives_the_same_logits(finished_run, tmp_path):
+    out, result = finished_run
+    x = torch.rand(4, *result.model.spec.input_shape)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, grow\n"
+        f"m = grow.load_model({str(out / 'model.json')!r})\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+        "assert type(m.spec).from_json(m.spec.to_json()) == m.spec\n"
+        f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+    expected = result.model.cpu().eval()(x)
+    assert torch.allclose(torch.load(tmp_path / "y.pt", weights_only=True), expected, atol=1e-5)
+
+
+def test_weights_load_without_pickle(finished_run):
+    from safetensors.torch import load_file
+    out, result = finished_run
+    state = load_file(str(out / "model.safetensors"))
+    assert set(state) == set(result.model.state_dict())
+
+
+class StopAtRound(Reporter):
+    """Simulates Ctrl-C at the start of a given round."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def round_start(self, index, *args):
+        if index == self.index:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_without_losing_a_round(tmp_path):
+    config = tiny_config(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        grow_network(config, StopAtRound(2))
+    pointer = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert pointer["next_round"] == 2
+    result = grow_network(config, resume=True)
+    rounds = [r["round"] for r in result.history["rounds"]]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= 2
+    assert (tmp_path / "run" / "model.json").exists()
+
+
+def test_existing_run_folder_is_not_overwritten(finished_run):
+    out, _ = finished_run
+    with pytest.raises(GrowError, match="--resume"):
+        grow_network(tiny_config(out))
+
+
+def test_divergence_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(GrowError, match="diverged"):
+        grow_network(tiny_config(tmp_path / "nan", lr=1e6))
+
+
+def test_seed_above_budget_is_reported(tmp_path):
+    with pytest.raises(GrowError, match="budget"):
+        grow_network(tiny_config(tmp_path / "small", budget_macs=1000))
+
+
+@pytest.mark.slow
+def test_sigkill_in_second_round_then_resume(tmp_path):
+    out = tmp_path / "killed"
+    args = ["grow", "--dataset", "synthetic", "--budget-flops", "2M", "--out", str(out), "--epochs-per-round", "2",
+            "--max-rounds", "3", "--finetune-epochs", "1", "--train-subset", "2048", "--log-format", "json",
+            "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # wait for the second round's first epoch: the run is mid-round
+        event = json.loads(line)
+        if event["event"] == "epoch" and event["epoch"] == 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.json").exists()
+    done = run_cli("grow", "--resume", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == list(range(1, len(history["rounds"]) + 1))
+    assert (out / "model.json").exists()

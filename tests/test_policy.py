@@ -1,0 +1,78 @@
+"""Growth decisions: saturated layers widen, unsaturated ones do not, the budget is never exceeded."""
+import pytest
+import torch
+
+import search_spaces
+from grow import morph
+from grow.cost import count_macs, count_params
+from grow.policy import Budget, plan_growth
+from grow.spec import build
+
+
+@pytest.fixture(params=["vgg", "resnet", "mobilenet"])
+def model(request):
+    spec = search_spaces.get(request.param).seed((3, 32, 32), 10)
+    return build(spec)
+
+
+def ratios_for(model, saturated=(), value=1.0, rest=0.3):
+    return {u.name: (value if u.name in saturated else rest) for u in morph.units(model)}
+
+
+def plan(model, ratios, budget=Budget(), **kw):
+    kw = {"tau": 0.9, "widen_ratio": 0.5, "widen_min": 4, **kw}
+    return plan_growth(model, ratios, budget, generator=torch.Generator().manual_seed(0), **kw)
+
+
+def test_saturated_layer_widens_and_unsaturated_does_not(model):
+    first = morph.units(model)[0]
+    grown, actions, _ = plan(model, ratios_for(model, saturated={first.name}))
+    widths = {u.name: u.width for u in morph.units(grown)}
+    assert [a.target for a in actions] == [first.name]
+    assert widths[first.name] == first.width + max(4, -(-first.width // 2))
+    for u in morph.units(model)[1:]:
+        assert widths[u.name] == u.width
+
+
+def test_nothing_saturated_means_no_growth(model):
+    grown, actions, notes = plan(model, ratios_for(model))
+    assert actions == [] and notes == []
+    assert grown.spec == model.spec
+
+
+def test_budget_is_never_exceeded_and_steps_shrink_to_fit(model):
+    names = {u.name for u in morph.units(model)}
+    macs = count_macs(model.spec)
+    budget = Budget(macs=int(macs * 1.3))
+    grown, actions, _ = plan(model, ratios_for(model, saturated=names))
+    assert count_macs(grown.spec) > budget.macs, "the unbounded plan must need more than this budget"
+    grown, actions, _ = plan(model, ratios_for(model, saturated=names), budget)
+    assert actions, "some growth fits in 30% more MACs"
+    assert count_macs(grown.spec) <= budget.macs
+    assert all(a.macs <= budget.macs for a in actions)
+
+
+def test_params_budget_is_respected(model):
+    names = {u.name for u in morph.units(model)}
+    budget = Budget(params=int(count_params(model.spec) * 1.2))
+    grown, actions, _ = plan(model, ratios_for(model, saturated=names), budget)
+    assert count_params(grown.spec) <= budget.params
+
+
+def test_nothing_fits_stops_with_a_reason(model):
+    names = {u.name for u in morph.units(model)}
+    budget = Budget(macs=count_macs(model.spec))
+    grown, actions, notes = plan(model, ratios_for(model, saturated=names), budget)
+    assert actions == []
+    assert notes and all("budget" in n for n in notes)
+    assert grown.spec == model.spec
+
+
+def test_fully_saturated_stage_deepens(model):
+    stage = morph.deepenable(model)[0]
+    in_stage = {u.name for u in morph.units(model) if u.stage == stage}
+    grown, actions, _ = plan(model, ratios_for(model, saturated=in_stage))
+    deepen = [a for a in actions if a.kind == "deepen"]
+    assert [a.target for a in deepen] == [f"stage {stage}"]
+    assert deepen[0].after == deepen[0].before + 1
+    assert count_macs(grown.spec) > count_macs(model.spec)
