@@ -133,18 +133,23 @@ class RichReporter(Reporter):
         from rich.table import Table
 
         ratios = record["epochs"][-1]["selection_ratio"]
-        acted = {}
+        acted: dict[str, list[str]] = {}
+        deepened = []
         for a in record["actions"]:
-            acted.setdefault(a["target"], []).append(f"{a['kind']} {a['before']}->{a['after']}")
+            text = f"{a['kind']} {a['before']}->{a['after']}"
+            if a["kind"] == "deepen":
+                deepened.append((a["target"], text))
+            else:
+                acted.setdefault(a["target"], []).append(text)
         table = Table(title=f"round {record['round']}: val acc {record['val_accuracy']:.3f}", title_justify="left")
-        for col in ("layer", "kind", "stage", "width", "selection ratio", "action"):
+        table.add_column("layer", no_wrap=True)
+        for col in ("kind", "stage", "width", "selection ratio", "action"):
             table.add_column(col, justify="right" if col in ("width", "stage", "selection ratio") else "left")
         for u in units:
             table.add_row(u.name, u.kind, str(u.stage), str(u.width), f"{ratios.get(u.name, 0):.2f}",
                           ", ".join(acted.get(u.name, [])) or "-")
-        for target, acts in acted.items():
-            if target.startswith("stage"):
-                table.add_row(target, "stage", target.split()[-1], "", "", ", ".join(acts))
+        for target, text in deepened:
+            table.add_row(target, "stage", target.split()[-1], "", "", text)
         self.console.print(table)
         for note in record.get("notes", []):
             self.console.print(f"  note: {note}")

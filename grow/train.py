@@ -42,11 +42,16 @@ def train_epoch(
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
     on_batch: Optional[BatchCallback] = None,
     label_smoothing: float = 0.0,
+    channels_last: bool = True,
 ) -> EpochStats:
     """Train for one pass over `batches`; raise Diverged as soon as the loss is not finite.
 
     `scheduler` (if given) steps once per batch, so cosine schedules are smooth within an epoch.
+    With `channels_last` the model and each batch use the NHWC memory layout, which measured
+    1.8x faster than NCHW for a 3.7M-MAC CNN on a 2-core CPU (bench/RESULTS.md).
     """
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     model.train()
     total = len(batches)  # type: ignore[arg-type]
     start = time.perf_counter()
@@ -54,7 +59,7 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.int64)
     seen = 0
     for i, (x, y) in enumerate(batches, 1):
-        logits = model(x)
+        logits = model(x.contiguous(memory_format=layout))
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,308 @@
+"""Datasets as in-memory uint8 tensors, split into train / validation / test, and fast batches.
+
+The whole set lives in memory (on the training device for batching); augmentation (random crop
+with padding, horizontal flip where the dataset allows it) is done on whole batches with tensor
+ops, which is what makes small-image training fast on CPUs and GPUs alike. The model normalises
+its input itself, so batches are float images in [0, 1].
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+
+class DataError(Exception):
+    """Data that cannot be read: the message says which dataset, where we looked, and what to do."""
+
+
+@dataclass
+class TensorSet:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "TensorSet":
+        return TensorSet(self.images[index], self.labels[index])
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool
+    crop_pad: int
+    classes: list[str]
+
+
+@dataclass
+class Splits:
+    train: TensorSet
+    val: TensorSet
+    test: TensorSet
+    info: DatasetInfo
+
+
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "synthetic", "imagefolder")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("GROW_DATA", Path.home() / ".cache" / "grow" / "data"))
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, *, val_fraction: float = 0.1, seed: int = 0,
+                 train_subset: Optional[int] = None, download: bool = True) -> Splits:
+    """Read `name` into memory and split it: validation is carved from the training set by `seed`."""
+    readers = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "mnist": _mnist, "cifar10": _cifar10,
+               "cifar100": _cifar100, "svhn": _svhn, "imagefolder": _imagefolder}
+    if name not in readers:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"the validation fraction must be in [0, 1), got {val_fraction}")
+    root = Path(data_dir).expanduser() if data_dir else None
+    train, test, meta = readers[name](root, download, seed)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(len(train) * val_fraction))
+    val, train = train.subset(perm[:n_val]), train.subset(perm[n_val:])
+    if train_subset is not None:
+        if train_subset < 1:
+            raise DataError(f"--train-subset must be at least 1, got {train_subset}")
+        train = train.subset(torch.arange(min(train_subset, len(train))))
+    x = train.images.float().div_(255)
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    info = DatasetInfo(name, tuple(train.images.shape[1:]), meta["num_classes"], mean, std, meta["flip"],
+                       meta["crop_pad"], meta["classes"])
+    return Splits(train, val, test, info)
+
+
+# --- readers -------------------------------------------------------------------------------
+def _synthetic(root, download, seed, n_train: int = 20000, n_test: int = 2000, size: int = 16, classes: int = 10):
+    """Oriented colour gratings: class = orientation (5) x frequency (2), random phase, colour and
+    contrast, plus pixel noise. A CNN learns it in an epoch or two, not instantly. Smoke tests only."""
+    def make(n, gen_seed):
+        g = torch.Generator().manual_seed(gen_seed)
+        labels = torch.randint(0, classes, (n,), generator=g)
+        theta = (labels % 5).float() * math.pi / 5 + 0.15 * torch.randn(n, generator=g)
+        freq = torch.where(labels < 5, 1.5, 3.0) * (1 + 0.1 * torch.randn(n, generator=g))
+        phase = 2 * math.pi * torch.rand(n, generator=g)
+        ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+        proj = torch.cos(theta)[:, None, None] * xs + torch.sin(theta)[:, None, None] * ys
+        wave = torch.sin(2 * math.pi * freq[:, None, None] * proj + phase[:, None, None])
+        colour = 0.3 + 0.7 * torch.rand(n, 3, 1, 1, generator=g)
+        img = 0.5 + 0.35 * colour * wave[:, None] + 0.25 * torch.randn(n, 3, size, size, generator=g)
+        return TensorSet((img.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+
+    meta = {"num_classes": classes, "flip": False, "crop_pad": 2, "classes": [f"class{k}" for k in range(classes)]}
+    return make(n_train, 1_000_003 + seed), make(n_test, 2_000_003 + seed), meta
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _idx_pair(folder: Path, prefix: str) -> Optional[TensorSet]:
+    for suffix in (".gz", ""):
+        images, labels = folder / f"{prefix}-images-idx3-ubyte{suffix}", folder / f"{prefix}-labels-idx1-ubyte{suffix}"
+        if images.exists() and labels.exists():
+            x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)
+            return TensorSet(x, torch.from_numpy(_read_idx(labels).astype(np.int64)))
+    return None
+
+
+def _mnist_like(root, download, torchvision_cls, folder_name, label, extra_dirs, classes, flip):
+    meta = {"num_classes": 10, "flip": flip, "crop_pad": 2, "classes": classes}
+    base = root or default_data_dir()
+    for folder in [*(d for d in extra_dirs if root is None), base, base / folder_name / "raw"]:
+        train, test = _idx_pair(folder, "train"), _idx_pair(folder, "t10k")
+        if train and test:
+            return train, test, meta
+    try:
+        import torchvision
+        sets = [getattr(torchvision.datasets, torchvision_cls)(str(base), train=t, download=download) for t in (True, False)]
+    except Exception as err:
+        hint = " (or: apt-get install dataset-fashion-mnist)" if folder_name == "FashionMNIST" else ""
+        raise DataError(f"{label} not found in {base} (expected the four idx files in {base / folder_name / 'raw'})"
+                        f"{'' if download else ' and downloading is off'}; download it with network access{hint}"
+                        f" [{type(err).__name__}]") from None
+    return (*(TensorSet(s.data.unsqueeze(1).clone(), s.targets.clone().long()) for s in sets), meta)
+
+
+def _fashion_mnist(root, download, seed):
+    return _mnist_like(root, download, "FashionMNIST", "FashionMNIST", "Fashion-MNIST", [DEBIAN_FASHION_MNIST],
+                       FASHION_CLASSES, flip=True)
+
+
+def _mnist(root, download, seed):
+    return _mnist_like(root, download, "MNIST", "MNIST", "MNIST", [], [str(k) for k in range(10)], flip=False)
+
+
+def _cifar(root, download, cls_name, folder, label, num_classes):
+    import torchvision
+
+    base = root or default_data_dir()
+    parent = getattr(torchvision.datasets, cls_name)
+
+    class Reader(parent):  # type: ignore[misc, valid-type]
+        """torchvision's reader, trusting any complete archive of the standard layout (a user's copy
+        or a small one written by our tests) instead of only the md5 sums of the official files."""
+
+        def _check_integrity(self) -> bool:
+            files = [name for name, _ in self.train_list + self.test_list]
+            return all((Path(self.root) / self.base_folder / f).exists() for f in files)
+
+    try:
+        train, test = (Reader(str(base), train=t, download=download) for t in (True, False))
+    except Exception as err:
+        raise DataError(f"{label} not found in {base} (expected {base / folder}); run with network access to "
+                        f"download it there, or copy the python-version archive's folder there [{type(err).__name__}]"
+                        ) from None
+
+    def tensors(ds):
+        return TensorSet(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+
+    meta = {"num_classes": num_classes, "flip": True, "crop_pad": 4, "classes": list(train.classes)}
+    return tensors(train), tensors(test), meta
+
+
+def _cifar10(root, download, seed):
+    return _cifar(root, download, "CIFAR10", "cifar-10-batches-py", "CIFAR-10", 10)
+
+
+def _cifar100(root, download, seed):
+    return _cifar(root, download, "CIFAR100", "cifar-100-python", "CIFAR-100", 100)
+
+
+def _svhn(root, download, seed):
+    import torchvision
+
+    base = root or default_data_dir()
+    try:
+        sets = [torchvision.datasets.SVHN(str(base), split=s, download=download) for s in ("train", "test")]
+    except Exception as err:
+        raise DataError(f"SVHN not found in {base} (expected train_32x32.mat and test_32x32.mat); run with network "
+                        f"access to download it there [{type(err).__name__}]") from None
+    meta = {"num_classes": 10, "flip": False, "crop_pad": 4, "classes": [str(k) for k in range(10)]}
+    return (*(TensorSet(torch.from_numpy(s.data).clone(), torch.from_numpy(s.labels).long()) for s in sets), meta)
+
+
+def _imagefolder(root, download, seed, test_fraction: float = 0.2):
+    """ImageFolder layout: root/train + root/val (or root/test), or one folder split by `test_fraction`."""
+    import torchvision
+
+    if root is None or not root.is_dir():
+        raise DataError(f"imagefolder needs --data-dir pointing at a folder of class subfolders, got {root}")
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    try:
+        if train_dir.is_dir() and test_dir is not None:
+            train_ds, test_ds = torchvision.datasets.ImageFolder(str(train_dir)), torchvision.datasets.ImageFolder(str(test_dir))
+            if train_ds.classes != test_ds.classes:
+                raise DataError(f"{train_dir} and {test_dir} have different class folders")
+            size = _common_size(train_ds)
+            train, test = _folder_tensors(train_ds, size), _folder_tensors(test_ds, size)
+        else:
+            train_ds = torchvision.datasets.ImageFolder(str(root))
+            everything = _folder_tensors(train_ds, _common_size(train_ds))
+            perm = torch.randperm(len(everything), generator=torch.Generator().manual_seed(seed))
+            n_test = max(1, int(round(len(everything) * test_fraction)))
+            test, train = everything.subset(perm[:n_test]), everything.subset(perm[n_test:])
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"cannot read images from {root}: {err}") from None
+    meta = {"num_classes": len(train_ds.classes), "flip": True, "crop_pad": max(1, train.images.shape[-1] // 8),
+            "classes": list(train_ds.classes)}
+    return train, test, meta
+
+
+def _common_size(ds) -> tuple[int, int]:
+    """The images' size if they all agree, else 32x32."""
+    from PIL import Image
+    sizes = {Image.open(path).size for path, _ in ds.samples[:200]}
+    return (next(iter(sizes))[1], next(iter(sizes))[0]) if len(sizes) == 1 else (32, 32)
+
+
+def _folder_tensors(ds, size: tuple[int, int]) -> TensorSet:
+    from PIL import Image
+    images = []
+    for path, _ in ds.samples:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    return TensorSet(torch.stack(images), torch.tensor(ds.targets, dtype=torch.int64))
+
+
+# --- batches -------------------------------------------------------------------------------
+class Batches:
+    """Iterates over a TensorSet in batches on `device`: yields (x float32 NCHW in [0, 1], y int64).
+
+    Training batches are shuffled and augmented (random crop with zero padding, horizontal flip
+    where `info.flip`), deterministically for a given seed and epoch (`set_epoch`).
+    """
+
+    def __init__(self, data: TensorSet, batch_size: int, *, info: DatasetInfo, train: bool,
+                 device: str | torch.device = "cpu", seed: int = 0, augment: bool = True,
+                 drop_last: Optional[bool] = None):
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.batch_size = batch_size
+        self.info = info
+        self.train = train
+        self.augment = augment and train
+        self.drop_last = train and len(data) >= batch_size if drop_last is None else drop_last
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, device = len(self.labels), self.images.device
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=gen).to(device) if self.train else torch.arange(n, device=device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment:
+                x = self._augment(x, gen)
+            yield x.float().div_(255), self.labels[idx]
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        b, c, h, w = x.shape
+        pad = self.info.crop_pad
+        if pad:
+            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+            dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen).to(x.device)
+            dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen).to(x.device)
+            rows = (dy + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+            x = padded.gather(2, rows)
+            cols = (dx + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
+            x = x.gather(3, cols)
+        if self.info.flip:
+            flip = (torch.rand(b, generator=gen) < 0.5).to(x.device).view(b, 1, 1, 1)
+            x = torch.where(flip, x.flip(3), x)
+        return x

@@ -1,0 +1,138 @@
+"""Function-preserving growth: widen a layer or deepen a stage without changing what the net computes.
+
+Every operation is a spec-to-spec change plus a weight transfer by parameter name: the new
+network is built from the new spec, and every old tensor (parameters and buffers) is copied into
+the leading slice of its new counterpart. What is new is initialised so that the grown network's
+eval-mode output is exactly the old one, while the new filters can still learn:
+
+- a new output filter keeps the fresh module's random incoming weights;
+- every existing output ignores new input channels: those weights are zero;
+- BatchNorm of a new channel starts at weight 1, bias 0, running mean 0, variance 1;
+- an appended layer or block is the identity (family-specific: identity kernel, or a residual
+  branch whose last BatchNorm weight is zero).
+
+Zero outgoing weights with random incoming ones still learn: the new channels carry non-zero
+activations, so the first step gives their outgoing weights a gradient, and from then on the
+gradient reaches the incoming weights too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from grow.spec import ArchSpec, build
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One growable width of a network.
+
+    name: a module name of the model (for a coupled residual stream, one name for the group);
+    producers: the convs whose output channels are this unit's channels (they carry Gamma).
+    """
+
+    name: str
+    width: int
+    producers: tuple[str, ...]
+    stage: int
+    kind: str
+
+
+def _family(spec: ArchSpec):
+    from search_spaces import get
+    return get(spec.family)
+
+
+def units(model: nn.Module) -> list[Unit]:
+    """The growable widths of `model`, in forward order."""
+    return [Unit(*u) for u in _family(model.spec).units(model.spec)]
+
+
+def widenable(model: nn.Module) -> list[str]:
+    """Names of the layers (or coupled groups) whose output width may grow."""
+    return [u.name for u in units(model)]
+
+
+def deepenable(model: nn.Module) -> list[int]:
+    """Stages that accept one more layer or block at their end."""
+    return _family(model.spec).deepenable(model.spec)
+
+
+def stage_depth(model: nn.Module, stage: int) -> int:
+    """Number of layers or blocks in `stage`."""
+    return _family(model.spec).stage_depth(model.spec, stage)
+
+
+def widen(model: nn.Module, widths: dict[str, int], generator: Optional[torch.Generator] = None) -> nn.Module:
+    """A new network in which each named unit has the given (larger) width; `model` is untouched."""
+    current = {u.name: u.width for u in units(model)}
+    for name, width in widths.items():
+        if name not in current:
+            raise ValueError(f"{name!r} is not a growable layer; choose from {', '.join(current)}")
+        if not isinstance(width, int) or width < current[name]:
+            raise ValueError(f"{name!r} has {current[name]} filters; a new width must be an integer >= that, got {width}")
+    spec = _family(model.spec).widen_spec(model.spec, widths)
+    return _transfer(model, spec, generator)
+
+
+def deepen(model: nn.Module, stage: int, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """A new network with one identity layer or block appended to `stage`; `model` is untouched."""
+    family = _family(model.spec)
+    if stage not in family.deepenable(model.spec):
+        raise ValueError(f"stage {stage} cannot deepen; deepenable stages: {family.deepenable(model.spec)}")
+    new = _transfer(model, family.deepen_spec(model.spec, stage), generator)
+    family.init_new_layer(new, stage)
+    return new
+
+
+def _transfer(model: nn.Module, spec: ArchSpec, generator: Optional[torch.Generator]) -> nn.Module:
+    param = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        if generator is not None:
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        new = build(spec)
+    new.to(device=param.device, dtype=param.dtype)
+    new.train(model.training)
+    old_state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in new.state_dict().items():
+            if name in old_state:
+                _embed(tensor, old_state[name], zero_new_inputs=True)
+    return new
+
+
+def _embed(new: torch.Tensor, old: torch.Tensor, zero_new_inputs: bool) -> None:
+    """Copy `old` into the leading slice of `new`; with zero_new_inputs, existing outputs
+    (rows of a weight) get zero weight from new inputs (columns)."""
+    if old.dim() == 0:
+        new.copy_(old)
+        return
+    if zero_new_inputs and new.dim() >= 2 and new.shape[1] > old.shape[1]:
+        new[: old.shape[0], old.shape[1]:] = 0
+    new[tuple(slice(0, n) for n in old.shape)] = old
+
+
+def move_optimizer_state(old_model: nn.Module, old_opt: torch.optim.Optimizer,
+                         new_model: nn.Module, new_opt: torch.optim.Optimizer) -> None:
+    """Carry per-parameter optimizer state (momentum, DessiLBI's Z and Gamma) across growth.
+
+    Old entries keep their values, new entries start at zero, parameters that did not exist
+    get no state (the optimizer starts them at zero), so Gamma's path continues.
+    """
+    old_params = dict(old_model.named_parameters())
+    for name, p in new_model.named_parameters():
+        old_p = old_params.get(name)
+        if old_p is None or old_p not in old_opt.state:
+            continue
+        state = {}
+        for key, value in old_opt.state[old_p].items():
+            if torch.is_tensor(value) and value.shape == old_p.shape:
+                fresh = torch.zeros_like(p)
+                _embed(fresh, value.to(p.device), zero_new_inputs=False)
+                state[key] = fresh
+            else:
+                state[key] = value.clone() if torch.is_tensor(value) else value
+        new_opt.state[p] = state

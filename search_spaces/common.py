@@ -1,0 +1,88 @@
+"""Pieces every family uses: input normalisation, conv+BN(+activation), cost rows, width checks."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from grow.spec import SpecError
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel. Buffers are not persistent: they come from the spec."""
+
+    def __init__(self, normalization: Optional[dict], channels: int):
+        super().__init__()
+        mean = normalization["mean"] if normalization else [0.0] * channels
+        std = normalization["std"] if normalization else [1.0] * channels
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ConvBN(nn.Module):
+    """conv (no bias) -> BatchNorm -> optional activation."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
+                 act: Optional[type] = nn.ReLU):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def conv_out(size: int, kernel: int, stride: int) -> int:
+    """Output size of a conv with padding kernel // 2."""
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def conv_row(name: str, cin: int, cout: int, kernel: int, stride: int, hw: tuple[int, int],
+             groups: int = 1, bn: bool = True) -> tuple[dict, tuple[int, int]]:
+    """Cost row of a conv (+BN) on an input of spatial size `hw`; returns the row and output size."""
+    h, w = conv_out(hw[0], kernel, stride), conv_out(hw[1], kernel, stride)
+    weights = cout * (cin // groups) * kernel * kernel
+    row = {"name": name, "kind": "dwconv" if groups > 1 else "conv", "in": cin, "out": cout, "kernel": kernel,
+           "stride": stride, "output": f"{h}x{w}", "macs": weights * h * w,
+           "params": weights + (2 * cout if bn else 0)}
+    return row, (h, w)
+
+
+def linear_row(name: str, cin: int, cout: int) -> dict:
+    return {"name": name, "kind": "linear", "in": cin, "out": cout, "kernel": "", "stride": "", "output": "",
+            "macs": cin * cout, "params": cin * cout + cout}
+
+
+def check_width(value: Any, where: str) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise SpecError(f"{where} must be a positive integer width, got {value!r}")
+
+
+def scaled(width: int, factor: float) -> int:
+    return max(1, int(round(width * factor)))
+
+
+def identity_conv_(conv: nn.Conv2d) -> None:
+    """Make a square conv compute the identity (centre tap 1 from channel i to channel i)."""
+    with torch.no_grad():
+        conv.weight.zero_()
+        k = conv.kernel_size[0] // 2
+        for i in range(conv.out_channels):
+            conv.weight[i, i, k, k] = 1.0
+
+
+def identity_bn_(bn: nn.BatchNorm2d) -> None:
+    """Make BatchNorm the identity in eval mode for its current running statistics."""
+    with torch.no_grad():
+        bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps))
+        bn.bias.copy_(bn.running_mean)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

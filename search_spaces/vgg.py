@@ -1,0 +1,138 @@
+"""VGG family: 3x3 conv + BatchNorm + ReLU layers in stages separated by 2x2 max-pooling.
+
+body: {"stages": [[w, w, ...], ...]}: every conv has its own width. Global average pooling and
+one linear classifier end the network. A stage is pooled after only while the image is at least
+2 pixels on a side, so the family works from 28x28 digits to 224x224 photos.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from grow.spec import ArchSpec, SpecError
+from search_spaces.common import ConvBN, Normalize, check_width, conv_row, identity_bn_, identity_conv_, linear_row, scaled
+
+NAME = "vgg"
+CLASSIC = {
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+}
+
+
+def validate(body: dict) -> None:
+    stages = body.get("stages")
+    if not (isinstance(stages, list) and stages and all(isinstance(s, list) and s for s in stages)):
+        raise SpecError("vgg 'body.stages' must be a non-empty list of non-empty lists of widths")
+    for s, widths in enumerate(stages):
+        for i, w in enumerate(widths):
+            check_width(w, f"vgg body.stages[{s}][{i}]")
+
+
+def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, width: Optional[int] = None) -> ArchSpec:
+    """Three stages of one conv each, widths w, 2w, 4w (w = 8): a few hundred thousand MACs on 32x32."""
+    w = width or 8
+    return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": [[w], [2 * w], [4 * w]]}, normalization)
+
+
+def classic(name: str, input_shape, num_classes: int, normalization: Optional[dict] = None) -> ArchSpec:
+    if name not in CLASSIC:
+        raise SpecError(f"unknown vgg member {name!r}; known: {', '.join(CLASSIC)}")
+    return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": [list(s) for s in CLASSIC[name]]}, normalization)
+
+
+def scale(spec: ArchSpec, factor: float) -> ArchSpec:
+    body = {"stages": [[scaled(w, factor) for w in s] for s in spec.body["stages"]]}
+    return ArchSpec(spec.family, spec.input_shape, spec.num_classes, body, spec.normalization)
+
+
+def _pools(spec: ArchSpec) -> list[bool]:
+    """Whether each stage is followed by 2x2 max-pooling."""
+    h, w = spec.input_shape[1:]
+    pools = []
+    for s in range(len(spec.body["stages"])):
+        pool = s < len(spec.body["stages"]) - 1 and min(h, w) >= 2
+        pools.append(pool)
+        if pool:
+            h, w = h // 2, w // 2
+    return pools
+
+
+class VGG(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        c = spec.input_shape[0]
+        self.normalize = Normalize(spec.normalization, c)
+        self.stages = nn.ModuleList()
+        for widths in spec.body["stages"]:
+            layers = nn.ModuleList()
+            for w in widths:
+                layers.append(ConvBN(c, w))
+                c = w
+            self.stages.append(layers)
+        self.pools = _pools(spec)
+        self.classifier = nn.Linear(c, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
+        for layers, pool in zip(self.stages, self.pools):
+            for layer in layers:
+                x = layer(x)
+            if pool:
+                x = nn.functional.max_pool2d(x, 2)
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(spec: ArchSpec) -> nn.Module:
+    return VGG(spec)
+
+
+def layers(spec: ArchSpec) -> list[dict]:
+    c, hw = spec.input_shape[0], tuple(spec.input_shape[1:])
+    rows = []
+    for s, (widths, pool) in enumerate(zip(spec.body["stages"], _pools(spec))):
+        for i, w in enumerate(widths):
+            row, hw = conv_row(f"stages.{s}.{i}.conv", c, w, 3, 1, hw)
+            rows.append(row)
+            c = w
+        if pool:
+            hw = (hw[0] // 2, hw[1] // 2)
+    rows.append(linear_row("classifier", c, spec.num_classes))
+    return rows
+
+
+def units(spec: ArchSpec) -> list[tuple]:
+    """(name, width, producers, stage, kind) of every growable width: each conv on its own."""
+    return [(f"stages.{s}.{i}.conv", w, (f"stages.{s}.{i}.conv",), s, "conv")
+            for s, widths in enumerate(spec.body["stages"]) for i, w in enumerate(widths)]
+
+
+def widen_spec(spec: ArchSpec, widths: dict[str, int]) -> ArchSpec:
+    body = {"stages": [list(s) for s in spec.body["stages"]]}
+    for name, width in widths.items():
+        _, s, i, _ = name.split(".")
+        body["stages"][int(s)][int(i)] = width
+    return ArchSpec(spec.family, spec.input_shape, spec.num_classes, body, spec.normalization)
+
+
+def deepenable(spec: ArchSpec) -> list[int]:
+    return list(range(len(spec.body["stages"])))
+
+
+def stage_depth(spec: ArchSpec, stage: int) -> int:
+    return len(spec.body["stages"][stage])
+
+
+def deepen_spec(spec: ArchSpec, stage: int) -> ArchSpec:
+    body = {"stages": [list(s) for s in spec.body["stages"]]}
+    body["stages"][stage].append(body["stages"][stage][-1])
+    return ArchSpec(spec.family, spec.input_shape, spec.num_classes, body, spec.normalization)
+
+
+def init_new_layer(model: nn.Module, stage: int) -> None:
+    """The appended layer computes the identity: identity kernel, BN the identity for its
+    running statistics, and ReLU of the previous ReLU's (non-negative) output changes nothing."""
+    layer = model.stages[stage][-1]
+    identity_conv_(layer.conv)
+    identity_bn_(layer.bn)
