@@ -16,6 +16,13 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def _count(text: str) -> int:
     from grow.cost import parse_count
     try:
@@ -135,8 +142,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grow", description="Grow compact CNNs along the DessiLBI path.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="grow", description="Grow compact CNNs along the DessiLBI path.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("grow", help="grow a network to a budget, fine-tune and export it")
     add_run_arguments(p)

@@ -310,14 +310,15 @@ def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, res
     if not resume:
         write_json(out / "config.json", config.to_dict())
     run = _Run(config, reporter)
-    reporter.start(config, run.splits.info, run.device)
     start_round, growth_done = 1, False
     if resume:
         model, optimizer, start_round, growth_done = run.restore()
-        reporter.message(f"resuming {out} at round {start_round}")
     else:
         model = run.seed_model()
         optimizer = run.make_optimizer(model)
+    reporter.start(config, run.splits.info, run.device)
+    if resume:
+        reporter.message(f"resuming {out} at round {start_round}")
     index = start_round
     while not growth_done:
         model, optimizer, growth_done = run.grow_round(model, optimizer, index)

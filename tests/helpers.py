@@ -20,6 +20,6 @@ def tiny_config(out, **overrides):
     """A growth run of a few seconds on the synthetic set."""
     from grow.controller import GrowConfig
     values = dict(dataset="synthetic", out=str(out), space="vgg", budget_macs=2_000_000, epochs_per_round=1,
-                  max_rounds=3, finetune_epochs=1, train_subset=1024, batch_size=64, seed=0, device="cpu")
+                  max_rounds=3, finetune_epochs=1, seed=0, device="cpu")
     values.update(overrides)
     return GrowConfig(**values)

@@ -120,7 +120,7 @@ def test_seed_above_budget_is_reported(tmp_path):
 def test_sigkill_in_second_round_then_resume(tmp_path):
     out = tmp_path / "killed"
     args = ["grow", "--dataset", "synthetic", "--budget-flops", "2M", "--out", str(out), "--epochs-per-round", "2",
-            "--max-rounds", "3", "--finetune-epochs", "1", "--train-subset", "2048", "--log-format", "json",
+            "--max-rounds", "3", "--finetune-epochs", "1", "--log-format", "json",
             "--device", "cpu"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
