@@ -1,33 +1,25 @@
-"""Network families that grow can build and grow: a registry by name."""
+"""Network families that grow can build and grow, by name.
+
+Each family module offers: validate(body), seed(...), classic(name, ...), scale(spec, factor),
+build(spec), layers(spec) (cost rows), units(spec), widen_spec, deepenable, stage_depth,
+deepen_spec and init_new_layer (identity initialisation of an appended layer or block).
+"""
 from __future__ import annotations
 
 from types import ModuleType
 
+from search_spaces import mobilenet, resnet, vgg
 
-def _families() -> dict[str, ModuleType]:
-    from search_spaces import vgg
-    found = {"vgg": vgg}
-    try:
-        from search_spaces import resnet
-        found["resnet"] = resnet
-    except ImportError:
-        pass
-    try:
-        from search_spaces import mobilenet
-        found["mobilenet"] = mobilenet
-    except ImportError:
-        pass
-    return found
+FAMILIES: dict[str, ModuleType] = {"vgg": vgg, "resnet": resnet, "mobilenet": mobilenet}
 
 
 def names() -> list[str]:
-    return list(_families())
+    return list(FAMILIES)
 
 
 def get(name: str) -> ModuleType:
     """The family module `name`; SpecError listing the known ones otherwise."""
-    families = _families()
-    if name not in families:
+    if name not in FAMILIES:
         from grow.spec import SpecError
-        raise SpecError(f"unknown network family {name!r}; known: {', '.join(families)}")
-    return families[name]
+        raise SpecError(f"unknown network family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]

@@ -1,0 +1,173 @@
+"""ResNet family, CIFAR style: a 3x3 stem, stages of basic blocks, global pooling, a classifier.
+
+body: {"stages": [{"width": 16, "blocks": [16, 16, 16]}, ...]}: each stage has one output width
+shared by the stem (stage 0), its projection shortcut and every block's second conv (they add
+into one stream), and each block has its own inner width. Stages after the first start with a
+stride-2 block and a 1x1 projection shortcut. ResNet-20/32/56 are members.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from grow.spec import ArchSpec, SpecError
+from search_spaces.common import ConvBN, Normalize, check_width, conv_row, linear_row, scaled
+
+NAME = "resnet"
+CLASSIC_DEPTH = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
+
+
+def validate(body: dict) -> None:
+    stages = body.get("stages")
+    if not (isinstance(stages, list) and stages):
+        raise SpecError("resnet 'body.stages' must be a non-empty list of {'width': w, 'blocks': [w, ...]}")
+    for s, stage in enumerate(stages):
+        if not (isinstance(stage, dict) and isinstance(stage.get("blocks"), list) and stage["blocks"]):
+            raise SpecError(f"resnet body.stages[{s}] must be {{'width': w, 'blocks': [inner widths]}} with >= 1 block")
+        check_width(stage.get("width"), f"resnet body.stages[{s}].width")
+        for b, w in enumerate(stage["blocks"]):
+            check_width(w, f"resnet body.stages[{s}].blocks[{b}]")
+
+
+def _spec(spec_like, stages) -> ArchSpec:
+    return ArchSpec(NAME, tuple(spec_like.input_shape), spec_like.num_classes, {"stages": stages},
+                    spec_like.normalization)
+
+
+def _copy(spec: ArchSpec) -> list[dict]:
+    return [{"width": s["width"], "blocks": list(s["blocks"])} for s in spec.body["stages"]]
+
+
+def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, width: Optional[int] = None) -> ArchSpec:
+    """Three stages of one block each, widths w, 2w, 4w (w = 8)."""
+    w = width or 8
+    stages = [{"width": k * w, "blocks": [k * w]} for k in (1, 2, 4)]
+    return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": stages}, normalization)
+
+
+def classic(name: str, input_shape, num_classes: int, normalization: Optional[dict] = None) -> ArchSpec:
+    if name not in CLASSIC_DEPTH:
+        raise SpecError(f"unknown resnet member {name!r}; known: {', '.join(CLASSIC_DEPTH)}")
+    n = CLASSIC_DEPTH[name]
+    stages = [{"width": w, "blocks": [w] * n} for w in (16, 32, 64)]
+    return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": stages}, normalization)
+
+
+def scale(spec: ArchSpec, factor: float) -> ArchSpec:
+    return _spec(spec, [{"width": scaled(s["width"], factor), "blocks": [scaled(b, factor) for b in s["blocks"]]}
+                        for s in spec.body["stages"]])
+
+
+def _has_projection(s: int, b: int) -> bool:
+    """Only the first block of a later stage changes size, so only it projects. Fixed by position,
+    never by widths, so growth never adds or removes a shortcut."""
+    return s > 0 and b == 0
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, inner: int, cout: int, stride: int, project: bool):
+        super().__init__()
+        self.conv1 = ConvBN(cin, inner, 3, stride)
+        self.conv2 = ConvBN(inner, cout, 3, 1, act=None)
+        self.shortcut = ConvBN(cin, cout, 1, stride, act=None) if project else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return torch.relu(self.conv2(self.conv1(x)) + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        stages = spec.body["stages"]
+        self.normalize = Normalize(spec.normalization, spec.input_shape[0])
+        self.stem = ConvBN(spec.input_shape[0], stages[0]["width"])
+        self.stages = nn.ModuleList()
+        c = stages[0]["width"]
+        for s, stage in enumerate(stages):
+            blocks = nn.ModuleList()
+            for b, inner in enumerate(stage["blocks"]):
+                stride = 2 if _has_projection(s, b) else 1
+                blocks.append(BasicBlock(c, inner, stage["width"], stride, _has_projection(s, b)))
+                c = stage["width"]
+            self.stages.append(blocks)
+        self.classifier = nn.Linear(c, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.normalize(x))
+        for blocks in self.stages:
+            for block in blocks:
+                x = block(x)
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(spec: ArchSpec) -> nn.Module:
+    return ResNet(spec)
+
+
+def layers(spec: ArchSpec) -> list[dict]:
+    stages = spec.body["stages"]
+    hw = tuple(spec.input_shape[1:])
+    row, hw = conv_row("stem.conv", spec.input_shape[0], stages[0]["width"], 3, 1, hw)
+    rows, c = [row], stages[0]["width"]
+    for s, stage in enumerate(stages):
+        for b, inner in enumerate(stage["blocks"]):
+            stride = 2 if _has_projection(s, b) else 1
+            row1, out_hw = conv_row(f"stages.{s}.{b}.conv1.conv", c, inner, 3, stride, hw)
+            row2, _ = conv_row(f"stages.{s}.{b}.conv2.conv", inner, stage["width"], 3, 1, out_hw)
+            rows += [row1, row2]
+            if _has_projection(s, b):
+                rows.append(conv_row(f"stages.{s}.{b}.shortcut.conv", c, stage["width"], 1, stride, hw)[0])
+            hw, c = out_hw, stage["width"]
+    rows.append(linear_row("classifier", c, spec.num_classes))
+    return rows
+
+
+def units(spec: ArchSpec) -> list[tuple]:
+    """Per stage: the stream (stem/shortcut/second convs, coupled), then each block's inner width."""
+    found = []
+    for s, stage in enumerate(spec.body["stages"]):
+        producers = ["stem.conv"] if s == 0 else []
+        producers += [f"stages.{s}.0.shortcut.conv"] if _has_projection(s, 0) else []
+        producers += [f"stages.{s}.{b}.conv2.conv" for b in range(len(stage["blocks"]))]
+        found.append((f"stages.{s}", stage["width"], tuple(producers), s, "stream"))
+        found += [(f"stages.{s}.{b}.conv1.conv", inner, (f"stages.{s}.{b}.conv1.conv",), s, "inner")
+                  for b, inner in enumerate(stage["blocks"])]
+    return found
+
+
+def widen_spec(spec: ArchSpec, widths: dict[str, int]) -> ArchSpec:
+    stages = _copy(spec)
+    for name, width in widths.items():
+        parts = name.split(".")
+        if len(parts) == 2:
+            stages[int(parts[1])]["width"] = width
+        else:
+            stages[int(parts[1])]["blocks"][int(parts[2])] = width
+    return _spec(spec, stages)
+
+
+def deepenable(spec: ArchSpec) -> list[int]:
+    return list(range(len(spec.body["stages"])))
+
+
+def stage_depth(spec: ArchSpec, stage: int) -> int:
+    return len(spec.body["stages"][stage]["blocks"])
+
+
+def deepen_spec(spec: ArchSpec, stage: int) -> ArchSpec:
+    stages = _copy(spec)
+    stages[stage]["blocks"].append(stages[stage]["blocks"][-1])
+    return _spec(spec, stages)
+
+
+def init_new_layer(model: nn.Module, stage: int) -> None:
+    """The appended block is the identity: its branch ends in a BatchNorm with weight 0, so it
+    adds nothing, and ReLU of the (non-negative) stream is the stream. The BatchNorm weight gets
+    a gradient at the first step, so the branch opens as training needs it."""
+    with torch.no_grad():
+        bn = model.stages[stage][-1].conv2.bn
+        bn.weight.zero_()
+        bn.bias.zero_()

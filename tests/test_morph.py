@@ -1,0 +1,138 @@
+"""Growth keeps the function: widened and deepened networks compute what the old one did."""
+import pytest
+import torch
+
+import grow
+import search_spaces
+from grow.cost import count_macs, measure_macs
+from grow.morph import deepen, deepenable, move_optimizer_state, units, widen, widenable
+from grow.spec import build
+
+FAMILIES = ["vgg", "resnet", "mobilenet"]
+SHAPE = (3, 16, 16)
+
+
+def trained_like(spec):
+    """A model whose BatchNorm statistics and weights are not the fresh defaults."""
+    model = build(spec)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def models():
+    for family in FAMILIES:
+        f = search_spaces.get(family)
+        seed = f.seed(SHAPE, 10, normalization={"mean": [0.5] * 3, "std": [0.25] * 3})
+        yield pytest.param(seed, id=f"{family}-seed")
+        yield pytest.param(f.deepen_spec(f.deepen_spec(seed, 0), 1), id=f"{family}-deeper")
+
+
+MODELS = list(models())
+
+
+def assert_same_function(old, new):
+    x = torch.rand(8, *SHAPE)
+    with torch.no_grad():
+        a, b = old.eval()(x), new.eval()(x)
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max().clamp_min(1e-6)
+
+
+@pytest.mark.parametrize("spec", MODELS)
+def test_widen_every_unit_keeps_the_function(spec):
+    model = trained_like(spec)
+    for unit in units(model):
+        grown = widen(model, {unit.name: unit.width + 4})
+        assert_same_function(model, grown)
+        assert {u.name: u.width for u in units(grown)}[unit.name] == unit.width + 4
+        assert count_macs(grown.spec) == measure_macs(grown)
+
+
+@pytest.mark.parametrize("spec", MODELS)
+def test_deepen_every_stage_keeps_the_function(spec):
+    model = trained_like(spec)
+    for stage in deepenable(model):
+        grown = deepen(model, stage)
+        assert_same_function(model, grown)
+        assert count_macs(grown.spec) == measure_macs(grown) > count_macs(model.spec)
+        assert len(list(grown.parameters())) > len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_new_filters_learn_within_three_steps(family):
+    model = build(search_spaces.get(family).seed(SHAPE, 10))
+    unit = units(model)[1]
+    grown = widen(model, {unit.name: unit.width + 4})
+    weight = grown.get_submodule(unit.producers[0]).weight
+    before = weight[unit.width:].detach().clone()
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.rand(32, *SHAPE), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(grown.train()(x), y).backward()
+        opt.step()
+    assert not torch.allclose(weight[unit.width:], before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deepened_block_learns(family):
+    model = build(search_spaces.get(family).seed(SHAPE, 10))
+    grown = deepen(model, 1)
+    new_names = set(dict(grown.named_parameters())) - set(dict(model.named_parameters()))
+    before = {n: p.detach().clone() for n, p in grown.named_parameters() if n in new_names}
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.rand(32, *SHAPE), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(grown.train()(x), y).backward()
+        opt.step()
+    changed = [n for n, p in grown.named_parameters() if n in new_names and not torch.equal(p, before[n])]
+    assert any(n.endswith("conv.weight") for n in changed), changed
+
+
+def test_widen_rejects_bad_requests():
+    model = build(search_spaces.get("vgg").seed(SHAPE, 10))
+    with pytest.raises(ValueError, match="not a growable layer"):
+        widen(model, {"classifier": 20})
+    name = widenable(model)[0]
+    with pytest.raises(ValueError, match="filters"):
+        widen(model, {name: 1})
+    with pytest.raises(ValueError, match="cannot deepen"):
+        deepen(model, 7)
+
+
+def test_coupled_resnet_stream_grows_as_one():
+    model = build(search_spaces.get("resnet").seed(SHAPE, 10))
+    stream = next(u for u in units(model) if u.kind == "stream" and u.stage == 0)
+    assert "stem.conv" in stream.producers and len(stream.producers) >= 2
+    assert widenable(model).count(stream.name) == 1
+    grown = widen(model, {stream.name: stream.width + 4})
+    for name in stream.producers:
+        assert grown.get_submodule(name).out_channels == stream.width + 4
+
+
+def test_optimizer_state_moves_with_growth():
+    model = build(search_spaces.get("vgg").seed(SHAPE, 10))
+    opt = grow.DessiLBI(model.parameters(), lr=0.1, mu=5)
+    x, y = torch.rand(16, *SHAPE), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    name = widenable(model)[0]
+    grown = widen(model, {name: 12})
+    new_opt = grow.DessiLBI(grown.parameters(), lr=0.1, mu=5)
+    move_optimizer_state(model, opt, grown, new_opt)
+    old_w, new_w = model.get_submodule(name).weight, grown.get_submodule(name).weight
+    for key in ("z", "gamma", "momentum_buffer"):
+        assert torch.equal(new_opt.state[new_w][key][:8], opt.state[old_w][key])
+        assert not new_opt.state[new_w][key][8:].any()
+    consumer_old = model.get_submodule("stages.1.0.conv").weight
+    consumer_new = grown.get_submodule("stages.1.0.conv").weight
+    assert torch.equal(new_opt.state[consumer_new]["z"][:, :8], opt.state[consumer_old]["z"])
+    assert not new_opt.state[consumer_new]["z"][:, 8:].any()
