@@ -268,22 +268,28 @@ class _Run:
         self.reporter.round_end(round_record, units)
         return model, optimizer, done
 
+    def finetune_epochs(self) -> int:
+        """--finetune-epochs plus the round epochs growth did not use: a run always trains
+        max_rounds * epochs_per_round + finetune_epochs epochs, so its cost is known up front."""
+        c = self.config
+        unused_rounds = c.max_rounds - len(self.history["rounds"])
+        return c.finetune_epochs + unused_rounds * c.epochs_per_round
+
     def finetune(self, model: nn.Module) -> nn.Module:
         """Plain SGD with a cosine schedule on the dense weights of the grown network."""
         c = self.config
         lr = c.finetune_lr if c.finetune_lr is not None else c.lr
+        total = self.finetune_epochs()
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=c.momentum, nesterov=True,
                                     weight_decay=c.weight_decay)
-        steps = max(1, c.finetune_epochs * len(self.train_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total * len(self.train_batches)))
         epochs = []
-        self.reporter.phase("fine-tune", c.finetune_epochs)
-        for e in range(c.finetune_epochs):
-            record = self.train_one_epoch(model, optimizer, f"fine-tune epoch {e + 1}/{c.finetune_epochs}",
-                                          scheduler=scheduler)
+        self.reporter.phase("fine-tune", total)
+        for e in range(total):
+            record = self.train_one_epoch(model, optimizer, f"fine-tune epoch {e + 1}/{total}", scheduler=scheduler)
             epochs.append(record)
             self.reporter.epoch_end(record)
-        self.history["finetune"] = {"epochs": epochs, "lr": lr}
+        self.history["finetune"] = {"epochs": epochs, "lr": lr, "from_unused_rounds": total - c.finetune_epochs}
         return model
 
 
@@ -328,8 +334,8 @@ def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, res
     test_batches = Batches(run.splits.test, 512, info=run.splits.info, train=False, device=run.device)
     test_loss, test_acc = evaluate(model, test_batches)
     run.history["test"] = {"loss": test_loss, "accuracy": test_acc}
-    final_val = run.history["finetune"]["epochs"][-1]["val_accuracy"] if config.finetune_epochs else \
-        run.history["rounds"][-1]["val_accuracy"]
+    finetuned = run.history["finetune"]["epochs"]
+    final_val = (finetuned or run.history["rounds"])[-1]["val_accuracy"]
     metrics = {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": final_val,
                "epochs": run.epoch, "dataset": run.splits.info.name,
                "train_macs": training_macs(run.history)}

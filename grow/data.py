@@ -156,21 +156,23 @@ def _mnist(root, download, seed):
     return _mnist_like(root, download, "MNIST", "MNIST", "MNIST", [], [str(k) for k in range(10)], flip=False)
 
 
-def _cifar(root, download, cls_name, folder, label, num_classes):
+def torchvision_cifar(cls_name: str) -> type:
+    """torchvision's CIFAR10/CIFAR100 reader without the md5 sums of the official batch files, so a
+    user's re-packed copy or the small archive our tests write reads too (a download still checks
+    the archive's md5)."""
     import torchvision
 
-    base = root or default_data_dir()
     parent = getattr(torchvision.datasets, cls_name)
+    return type(f"Unchecked{cls_name}", (parent,), {
+        "train_list": [[name, None] for name, _ in parent.train_list],
+        "test_list": [[name, None] for name, _ in parent.test_list],
+        "meta": {**parent.meta, "md5": None},
+    })
 
-    class Reader(parent):  # type: ignore[misc, valid-type]
-        """torchvision's reader without the md5 sums of the official batch files, so a user's
-        re-packed copy or the small archive our tests write reads too (a download still checks
-        the archive's md5)."""
 
-        train_list = [[name, None] for name, _ in parent.train_list]
-        test_list = [[name, None] for name, _ in parent.test_list]
-        meta = {**parent.meta, "md5": None}
-
+def _cifar(root, download, cls_name, folder, label, num_classes):
+    base = root or default_data_dir()
+    Reader = torchvision_cifar(cls_name)
     try:
         train, test = (Reader(str(base), train=t, download=download) for t in (True, False))
     except Exception as err:
