@@ -39,7 +39,7 @@ _EXPORTS = {
     "evaluate_model": "grow.inspect",
     "grow_network": "grow.controller",
     "TuneConfig": "grow.tune",
-    "tune": "grow.tune",
+    "run_study": "grow.tune",
 }
 
 __all__ = sorted(_EXPORTS)

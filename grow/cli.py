@@ -136,9 +136,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tuning")
+    g.add_argument("--trials", type=int, default=20, help="trials this command adds to the study (default %(default)s)")
+    g.add_argument("--out", default="runs/tune", help="folder for the journal, trials, best.json (default %(default)s)")
+    g.add_argument("--storage", default=None,
+                   help="Optuna storage URL (sqlite:///study.db, postgresql://user@host/db); default: a journal file in --out")
+    g.add_argument("--study-name", default="grow", help="processes with the same storage and name share one study")
+    g.add_argument("--workers", type=int, default=1, help="processes on this machine (default %(default)s)")
+    g.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    g.add_argument("--search", default="", help="also search: mu (the path speed), tau; comma separated")
+    g.add_argument("--objectives", default="accuracy", help="accuracy, or accuracy,macs for a Pareto front")
+    g.add_argument("--sampler-seed", type=int, default=0)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
-    from grow.tune import run_from_args
-    return run_from_args(args)
+    import optuna
+
+    from grow.tune import TuneConfig, print_summary, run_study
+    config = TuneConfig(base=config_from_args(args, str(Path(args.out) / "trials")), trials=args.trials,
+                        out=args.out, storage=args.storage, study_name=args.study_name, search=_names(args.search),
+                        pruner=args.pruner, objectives=_names(args.objectives), sampler_seed=args.sampler_seed,
+                        workers=args.workers)
+    if args.quiet or args.log_format == "json":
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = run_study(config)
+    best = json.loads((Path(config.out) / "best.json").read_text())
+    if args.log_format == "json":
+        print(json.dumps({"event": "tune_finish", "trials": len(study.trials), **best}))
+    elif args.quiet:
+        print(f"{len(study.trials)} trials; best val accuracy {best['value']:.4f}; {Path(config.out) / 'best.json'}")
+    else:
+        print_summary(study, config)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="tune kappa and lr (and mu, tau) with Optuna")
     add_run_arguments(p)
-    try:
-        from grow.tune import add_arguments
-        add_arguments(p)
-    except ImportError:
-        pass
+    add_tune_arguments(p)
     _add_output_flags(p)
     p.set_defaults(func=cmd_tune)
 
