@@ -12,7 +12,8 @@ STRUCTURES = ("filter", "element", None)
 def _structure_for(p: torch.Tensor, requested) -> Optional[str]:
     if requested != "auto":
         return requested
-    return {4: "filter", 2: "element"}.get(p.dim())
+    dim = p.dim()
+    return "filter" if dim == 4 else "element" if dim == 2 else None
 
 
 class DessiLBI(Optimizer):
@@ -80,35 +81,35 @@ class DessiLBI(Optimizer):
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         if group["momentum"]:
             grads = self._momentum(group, params, grads)
-        lr, kappa = group["lr"], group["kappa"]
-        structured = [(p, g) for p, g in zip(params, grads) if self._structure(p, group) is not None]
-        plain = [(p, g) for p, g in zip(params, grads) if self._structure(p, group) is None]
+        step = -group["lr"] * group["kappa"]
+        kinds = [_structure_for(p, group["structure"]) for p in params]
+        plain = [i for i, k in enumerate(kinds) if k is None]
         if plain:
-            torch._foreach_add_([p for p, _ in plain], [g for _, g in plain], alpha=-lr * kappa)
-        if structured:
-            self._lbi_step(group, [p for p, _ in structured], [g for _, g in structured])
+            torch._foreach_add_([params[i] for i in plain], [grads[i] for i in plain], alpha=step)
+        if len(plain) < len(params):
+            lbi = [i for i, k in enumerate(kinds) if k is not None]
+            self._lbi_step(group, [params[i] for i in lbi], [grads[i] for i in lbi], [kinds[i] for i in lbi])
 
     def _momentum(self, group, params, grads):
         momentum, dampening = group["momentum"], group["dampening"]
-        bufs = []
+        bufs, old, fresh = [], [], []
         for p, g in zip(params, grads):
             state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = g.detach().clone()
-                bufs.append(None)
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.detach().clone()
             else:
-                bufs.append(state["momentum_buffer"])
-        existing = [(b, g) for b, g in zip(bufs, grads) if b is not None]
-        if existing:
-            buf_list = [b for b, _ in existing]
-            torch._foreach_mul_(buf_list, momentum)
-            torch._foreach_add_(buf_list, [g for _, g in existing], alpha=1 - dampening)
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
+                old.append(buf)
+                fresh.append(g)
+            bufs.append(buf)
+        if old:
+            torch._foreach_mul_(old, momentum)
+            torch._foreach_add_(old, fresh, alpha=1 - dampening)
         if group["nesterov"]:
             return torch._foreach_add(grads, bufs, alpha=momentum)
         return bufs
 
-    def _lbi_step(self, group, params, grads) -> None:
+    def _lbi_step(self, group, params, grads, kinds) -> None:
         lr, kappa, mu = group["lr"], group["kappa"], group["mu"]
         zs, gammas = [], []
         for p in params:
@@ -118,12 +119,18 @@ class DessiLBI(Optimizer):
                 state["gamma"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             zs.append(state["z"])
             gammas.append(state["gamma"])
-        diff = torch._foreach_sub(params, gammas)                      # W - Gamma (W before the step)
-        direction = torch._foreach_add(grads, diff, alpha=1.0 / mu)    # g + (W - Gamma)/mu; grads untouched
-        torch._foreach_add_(params, direction, alpha=-lr * kappa)
-        torch._foreach_add_(zs, diff, alpha=lr / mu)
-        for p, z, gamma in zip(params, zs, gammas):
-            gamma.copy_(_prox(z, self._structure(p, group))).mul_(kappa)
+        # Z += (lr/mu) (W - Gamma), with W before this step ...
+        torch._foreach_add_(zs, params, alpha=lr / mu)
+        torch._foreach_add_(zs, gammas, alpha=-lr / mu)
+        # ... then W <- W - lr kappa (g + (W - Gamma)/mu), as a lerp towards Gamma and a gradient step
+        torch._foreach_lerp_(params, gammas, lr * kappa / mu)
+        torch._foreach_add_(params, grads, alpha=-lr * kappa)
+        filters = [i for i, k in enumerate(kinds) if k == "filter"]
+        if filters:
+            _group_prox([zs[i] for i in filters], [gammas[i] for i in filters], kappa)
+        for z, gamma, kind in zip(zs, gammas, kinds):
+            if kind == "element":
+                torch.mul(torch.sign(z), (z.abs() - 1).clamp_(min=0), out=gamma).mul_(kappa)
 
     def _structure(self, p: torch.Tensor, group: dict) -> Optional[str]:
         return _structure_for(p, group["structure"])
@@ -175,9 +182,14 @@ class DessiLBI(Optimizer):
         return p.detach() * mask
 
 
-def _prox(z: torch.Tensor, structure: str) -> torch.Tensor:
-    if structure == "filter":
-        norms = torch.linalg.vector_norm(z.flatten(1), dim=1)
-        shrink = (1 - 1 / norms.clamp_min(1e-30)).clamp_min(0)
-        return z * shrink.view(-1, *([1] * (z.dim() - 1)))
-    return torch.sign(z) * (z.abs() - 1).clamp_min(0)
+def _group_prox(zs: list[torch.Tensor], gammas: list[torch.Tensor], kappa: float) -> None:
+    """Gamma_g = kappa * Z_g * max(0, 1 - 1/||Z_g||) for every output filter g of every tensor.
+
+    One norm kernel per tensor; the shrink factors of all filters of all tensors in one vector
+    (a handful of kernels in all, instead of a handful per tensor); one multiply per tensor
+    writes Gamma in place.
+    """
+    norms = torch.cat([torch.linalg.vector_norm(z, dim=tuple(range(1, z.dim()))) for z in zs])
+    shrink = norms.clamp_(min=1e-30).reciprocal_().mul_(-kappa).add_(kappa).clamp_(min=0)
+    for z, gamma, factor in zip(zs, gammas, shrink.split([z.shape[0] for z in zs])):
+        torch.mul(z, factor.view(-1, *([1] * (z.dim() - 1))), out=gamma)
