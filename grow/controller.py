@@ -71,6 +71,7 @@ class GrowConfig:
     device: str = "auto"
     val_fraction: float = 0.1
     train_subset: Optional[int] = None
+    augment: bool = True
     download: bool = True
 
     def to_dict(self) -> dict:
@@ -137,7 +138,7 @@ class _Run:
         )
         info = self.splits.info
         self.train_batches = Batches(self.splits.train, config.batch_size, info=info, train=True,
-                                     device=self.device, seed=config.seed)
+                                     device=self.device, seed=config.seed, augment=config.augment)
         self.val_batches = Batches(self.splits.val, 512, info=info, train=False, device=self.device)
         self.history: dict[str, Any] = {"config": config.to_dict(), "dataset": _dataset_summary(self.splits),
                                         "rounds": [], "finetune": None, "test": None}

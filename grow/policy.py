@@ -81,12 +81,13 @@ def widen_step(width: int, ratio: float, minimum: int) -> int:
     return max(minimum, math.ceil(width * ratio))
 
 
-def _largest_fitting_widen(model, name, width, target, budget, generator):
-    """Widest version of `name` in (width, target] that fits the budget, or None."""
+def _largest_fitting_widen(model, name, width, target, budget, generator, minimum):
+    """Widest version of `name` in [width + minimum, target] that fits the budget, or None:
+    a step smaller than `minimum` filters is not worth a round of training."""
     candidate = morph.widen(model, {name: target}, generator=generator)
     if budget.fits(candidate):
         return candidate, target
-    lo, hi, best = width + 1, target - 1, None
+    lo, hi, best = width + minimum, target - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
         candidate = morph.widen(model, {name: mid}, generator=generator)
@@ -125,9 +126,10 @@ def plan_growth(
     skipped: list[str] = []
     for unit in saturated:
         target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
-        grown, width = _largest_fitting_widen(model, unit.name, unit.width, target, budget, generator)
+        grown, width = _largest_fitting_widen(model, unit.name, unit.width, target, budget, generator,
+                                              min(widen_min, target - unit.width))
         if grown is None:
-            skipped.append(f"{unit.name}: widening by even one filter exceeds the budget")
+            skipped.append(f"{unit.name}: widening by {widen_min} filters exceeds the budget")
             continue
         model = grown
         actions.append(Action(
