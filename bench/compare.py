@@ -48,7 +48,8 @@ def train_fixed(config, spec, epochs: int) -> dict:
                           train_subset=config.train_subset, download=config.download)
     torch.manual_seed(config.seed)
     model = build(spec).to(device)
-    train = Batches(splits.train, config.batch_size, info=splits.info, train=True, device=device, seed=config.seed)
+    train = Batches(splits.train, config.batch_size, info=splits.info, train=True, device=device, seed=config.seed,
+                    augment=config.augments())
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train))
@@ -80,7 +81,8 @@ def main() -> None:
     epochs = final["epochs"]
 
     family = search_spaces.get(config.space)
-    seed_spec = build_seed(config, family, result.model.spec)
+    grown = result.model.spec
+    seed_spec = family.seed(grown.input_shape, grown.num_classes, normalization=grown.normalization)
     fixed = train_fixed(config, scaled_to(seed_spec, family, final["macs"]), epochs)
 
     rows = [
@@ -100,10 +102,6 @@ def main() -> None:
           f"{g[5] / f[5]:.2f} x fixed; wall time {g[6] / f[6]:.2f} x")
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps({"grown": final, "fixed": fixed, "config": config.to_dict()}, indent=2))
-
-
-def build_seed(config, family, grown_spec):
-    return family.seed(grown_spec.input_shape, grown_spec.num_classes, normalization=grown_spec.normalization)
 
 
 if __name__ == "__main__":

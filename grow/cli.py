@@ -43,8 +43,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="share of the training set held out for growth decisions (default %(default)s)")
     g.add_argument("--train-subset", type=int, default=None, help="train on the first N training images only")
-    g.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="no random crops or flips (they are on by default where the dataset allows them)")
+    g.add_argument("--augment", choices=("auto", "on", "off"), default="auto",
+                   help="random crops and flips where the dataset allows them; auto: on for runs of 15 epochs or more")
     g = p.add_argument_group("budget (numbers take K/M/G suffixes)")
     g.add_argument("--budget-flops", "--budget-macs", dest="budget_macs", type=_count, default=None,
                    help="most multiply-accumulates per image in one forward pass (the 'FLOPs' of the literature)")

@@ -71,11 +71,21 @@ class GrowConfig:
     device: str = "auto"
     val_fraction: float = 0.1
     train_subset: Optional[int] = None
-    augment: bool = True
+    augment: str = "auto"
     download: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def total_epochs(self) -> int:
+        return self.max_rounds * self.epochs_per_round + self.finetune_epochs
+
+    def augments(self) -> bool:
+        """Random crops and flips: "on", "off", or "auto" = on for runs of at least AUGMENT_FROM
+        epochs. A small network trained for a few epochs underfits (its training accuracy, even
+        augmented, stays at the validation accuracy), and augmentation then only slows it down:
+        on Fashion-MNIST at 3M MACs and 8 epochs it cost 0.9 points (bench/RESULTS.md)."""
+        return self.augment == "on" or (self.augment == "auto" and self.total_epochs() >= AUGMENT_FROM)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GrowConfig":
@@ -96,6 +106,8 @@ class GrowConfig:
             raise GrowError(f"finetune-epochs must be 0 or more, got {self.finetune_epochs}")
         if self.mu is not None and not self.mu > 0:
             raise GrowError(f"mu must be positive, got {self.mu}")
+        if self.augment not in ("auto", "on", "off"):
+            raise GrowError(f"augment must be auto, on or off, got {self.augment!r}")
         if not 0 < self.tau <= 1:
             raise GrowError(f"tau must be in (0, 1], got {self.tau}")
         if self.space not in search_spaces.names():
@@ -123,6 +135,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+AUGMENT_FROM = 15  # epochs; see GrowConfig.augments
+PATH_SAMPLES = 8  # selection-ratio samples per epoch in history.json (the plotted Gamma path)
+
+
 class _Run:
     """State of one run: the data, the current model and optimizer, and the history."""
 
@@ -138,7 +154,7 @@ class _Run:
         )
         info = self.splits.info
         self.train_batches = Batches(self.splits.train, config.batch_size, info=info, train=True,
-                                     device=self.device, seed=config.seed, augment=config.augment)
+                                     device=self.device, seed=config.seed, augment=config.augments())
         self.val_batches = Batches(self.splits.val, 512, info=info, train=False, device=self.device)
         self.history: dict[str, Any] = {"config": config.to_dict(), "dataset": _dataset_summary(self.splits),
                                         "rounds": [], "finetune": None, "test": None}
@@ -204,12 +220,22 @@ class _Run:
         return model, optimizer, pointer["next_round"], pointer["growth_done"]
 
     # --- phases --------------------------------------------------------------------------
-    def train_one_epoch(self, model, optimizer, label, scheduler=None):
+    def train_one_epoch(self, model, optimizer, label, scheduler=None, path=None):
+        """One epoch and its validation; with `path` (a list), DessiLBI's selection ratios are
+        sampled about PATH_SAMPLES times during the epoch into it, as (epoch time, ratios)."""
         self.train_batches.set_epoch(self.epoch)
-        self.reporter.epoch_start(label, len(self.train_batches))
+        total = len(self.train_batches)
+        self.reporter.epoch_start(label, total)
+        next_sample = [0]
+
+        def on_batch(done, total, loss, accuracy):
+            self.reporter.batch(done, total, loss, accuracy)
+            if path is not None and done >= next_sample[0]:
+                path.append([round(self.epoch + done / total, 4), selection_ratios(model, optimizer)])
+                next_sample[0] = done + total / PATH_SAMPLES
+
         try:
-            stats = train_epoch(model, optimizer, self.train_batches, scheduler=scheduler,
-                                on_batch=self.reporter.batch)
+            stats = train_epoch(model, optimizer, self.train_batches, scheduler=scheduler, on_batch=on_batch)
         except Diverged as err:
             raise GrowError(
                 f"training diverged in {label}: {err}; the last finished round is kept in "
@@ -229,8 +255,11 @@ class _Run:
         self.reporter.round_start(index, c.max_rounds, spec, count_macs(spec), count_params(spec))
         epochs = []
         for e in range(c.epochs_per_round):
-            record = self.train_one_epoch(model, optimizer, f"round {index} epoch {e + 1}/{c.epochs_per_round}")
+            path: list = []
+            record = self.train_one_epoch(model, optimizer, f"round {index} epoch {e + 1}/{c.epochs_per_round}",
+                                          path=path)
             record["selection_ratio"] = selection_ratios(model, optimizer)
+            record["selection_path"] = path
             epochs.append(record)
             self.reporter.epoch_end(record)
         ratios = epochs[-1]["selection_ratio"]

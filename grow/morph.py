@@ -5,7 +5,7 @@ network is built from the new spec, and every old tensor (parameters and buffers
 the leading slice of its new counterpart. What is new is initialised so that the grown network's
 eval-mode output is exactly the old one, while the new filters can still learn:
 
-- a new output filter keeps the fresh module's random incoming weights;
+- a new output filter gets random incoming weights at the mean norm of the layer's filters;
 - every existing output ignores new input channels: those weights are zero;
 - BatchNorm of a new channel starts at weight 1, bias 0, running mean 0, variance 1;
 - an appended layer or block is the identity (family-specific: identity kernel, or a residual
@@ -106,13 +106,30 @@ def _transfer(model: nn.Module, spec: ArchSpec, generator: Optional[torch.Genera
 
 def _embed(new: torch.Tensor, old: torch.Tensor, zero_new_inputs: bool) -> None:
     """Copy `old` into the leading slice of `new`; with zero_new_inputs, existing outputs
-    (rows of a weight) get zero weight from new inputs (columns)."""
+    (rows of a weight) get zero weight from new inputs (columns), and new output rows keep
+    their random direction at the mean norm of the old rows."""
     if old.dim() == 0:
         new.copy_(old)
         return
-    if zero_new_inputs and new.dim() >= 2 and new.shape[1] > old.shape[1]:
-        new[: old.shape[0], old.shape[1]:] = 0
+    if zero_new_inputs and new.dim() >= 2:
+        if new.shape[1] > old.shape[1]:
+            new[: old.shape[0], old.shape[1]:] = 0
+        if new.shape[0] > old.shape[0]:
+            _match_norms(new[old.shape[0]:], old)
     new[tuple(slice(0, n) for n in old.shape)] = old
+
+
+def _match_norms(rows: torch.Tensor, old: torch.Tensor) -> None:
+    """Scale new filters to the typical norm of the layer's trained filters.
+
+    A fresh initialisation is much smaller than trained filters, and DessiLBI pulls unselected
+    filters towards zero: new filters that start small never accumulate enough Z to be selected,
+    and the layer could never report saturation again. At the layer's own scale they compete on
+    equal terms. Their outgoing weights are zero, so the function is unchanged.
+    """
+    target = old.flatten(1).norm(dim=1).mean()
+    norms = rows.flatten(1).norm(dim=1).clamp_min(1e-12)
+    rows.mul_((target / norms).view(-1, *([1] * (rows.dim() - 1))))
 
 
 def move_optimizer_state(old_model: nn.Module, old_opt: torch.optim.Optimizer,

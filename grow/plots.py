@@ -15,17 +15,19 @@ def _series(history: dict) -> tuple[dict[str, list], dict[str, list]]:
     widths: dict[str, list] = {}
     for r in history["rounds"]:
         for e in r["epochs"]:
-            for name, value in e["selection_ratio"].items():
-                ratios.setdefault(name, []).append((e["epoch"], value))
+            samples = [*e.get("selection_path", []), [e["epoch"], e["selection_ratio"]]]
+            for t, values in samples:
+                for name, value in values.items():
+                    ratios.setdefault(name, []).append((t, value))
         for name, width in r["widths"].items():
             widths.setdefault(name, []).append((r["round"], width))
     return ratios, widths
 
 
-def _lines(ax, series: dict[str, list]) -> None:
+def _lines(ax, series: dict[str, list], marker: str = "o") -> None:
     for name, points in series.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        ax.plot(xs, ys, marker=marker, markersize=3, label=name)
     if len(series) <= 16:
         ax.legend(fontsize=7, ncol=2)
 
@@ -38,10 +40,10 @@ def plot_history(history: dict, out: str | Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    _lines(ax, ratios)
+    _lines(ax, ratios, marker="")
     ax.axhline(tau, color="grey", linestyle="--", linewidth=1)
-    for r in history["rounds"][1:]:
-        ax.axvline(r["epochs"][0]["epoch"] - 0.5, color="lightgrey", linewidth=0.8)
+    for r in history["rounds"][:-1]:
+        ax.axvline(r["epochs"][-1]["epoch"], color="lightgrey", linewidth=0.8)
     ax.set(xlabel="epoch", ylabel="selection ratio (share of filters with Gamma != 0)",
            title=f"Gamma path per layer (dashed: tau = {tau}; grey: growth steps)", ylim=(-0.02, 1.02))
     paths.append(_save(fig, out / "selection_ratio.png"))

@@ -56,7 +56,7 @@ class JsonReporter(Reporter):
         self._emit("phase", name=name, epochs=epochs)
 
     def epoch_end(self, record) -> None:
-        self._emit("epoch", **record)
+        self._emit("epoch", **{k: v for k, v in record.items() if k != "selection_path"})  # in history.json
 
     def round_end(self, record, units) -> None:
         keep = ("round", "macs", "params", "widths", "val_accuracy", "train_accuracy", "actions", "notes", "stop", "seconds")
