@@ -105,7 +105,7 @@ def postgres(tmp_path):
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     if not bins or shutil.which("runuser") is None:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    pytest.importorskip("psycopg2", reason="pip install psycopg2-binary to talk to PostgreSQL")
+    pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' to talk to PostgreSQL")
     # pytest's tmp folders are private to root; the server's folder must belong to its own user
     home = Path(tempfile.mkdtemp(prefix="grow-pg-"))
     bin_dir, data, port = bins[-1], home / "data", _free_port()
