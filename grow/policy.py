@@ -139,7 +139,7 @@ def plan_growth(
             count_macs(model.spec), count_params(model.spec),
         ))
     for stage in deepen_stages:
-        depth = _stage_depth(model, stage)
+        depth = morph.stage_depth(model, stage)
         grown = morph.deepen(model, stage)
         if not budget.fits(grown):
             skipped.append(f"stage {stage}: one more layer exceeds the budget")
@@ -152,9 +152,3 @@ def plan_growth(
             count_macs(model.spec), count_params(model.spec),
         ))
     return model, actions, skipped
-
-
-def _stage_depth(model: nn.Module, stage: int) -> int:
-    stages = model.spec.body["stages"]
-    entry = stages[stage]
-    return len(entry["blocks"]) if isinstance(entry, dict) else len(entry)

@@ -63,6 +63,15 @@ def test_deepen_every_stage_keeps_the_function(spec):
         assert len(list(grown.parameters())) > len(list(model.parameters()))
 
 
+def three_sgd_steps(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.rand(32, *SHAPE), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_new_filters_learn_within_three_steps(family):
     model = build(search_spaces.get(family).seed(SHAPE, 10))
@@ -70,12 +79,7 @@ def test_new_filters_learn_within_three_steps(family):
     grown = widen(model, {unit.name: unit.width + 4})
     weight = grown.get_submodule(unit.producers[0]).weight
     before = weight[unit.width:].detach().clone()
-    opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.rand(32, *SHAPE), torch.randint(0, 10, (32,))
-    for _ in range(3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(grown.train()(x), y).backward()
-        opt.step()
+    three_sgd_steps(grown)
     assert not torch.allclose(weight[unit.width:], before)
 
 
@@ -85,12 +89,7 @@ def test_deepened_block_learns(family):
     grown = deepen(model, 1)
     new_names = set(dict(grown.named_parameters())) - set(dict(model.named_parameters()))
     before = {n: p.detach().clone() for n, p in grown.named_parameters() if n in new_names}
-    opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.rand(32, *SHAPE), torch.randint(0, 10, (32,))
-    for _ in range(3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(grown.train()(x), y).backward()
-        opt.step()
+    three_sgd_steps(grown)
     changed = [n for n, p in grown.named_parameters() if n in new_names and not torch.equal(p, before[n])]
     assert any(n.endswith("conv.weight") for n in changed), changed
 
