@@ -136,7 +136,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 AUGMENT_FROM = 15  # epochs; see GrowConfig.augments
-PATH_SAMPLES = 8  # selection-ratio samples per epoch in history.json (the plotted Gamma path)
+PATH_SAMPLES = 8
+# "Nothing is saturated" ends growth only once the path has settled: while some layer's selection
+# ratio still rises this much per round, its filters are still switching on and the layer may yet
+# saturate, so the run trains on (the round's epochs are not lost either way).
+SETTLED_RISE = 0.05  # selection-ratio samples per epoch in history.json (the plotted Gamma path)
 
 
 class _Run:
@@ -253,6 +257,7 @@ class _Run:
         start = time.perf_counter()
         spec = model.spec
         self.reporter.round_start(index, c.max_rounds, spec, count_macs(spec), count_params(spec))
+        before = selection_ratios(model, optimizer)
         epochs = []
         for e in range(c.epochs_per_round):
             path: list = []
@@ -283,11 +288,17 @@ class _Run:
             model.to(self.device)
             round_record["actions"] = [a.to_dict() for a in actions]
             round_record["notes"] = notes
-            if not actions:
+            rise = max((r - before.get(name, 0.0) for name, r in ratios.items()), default=0.0)
+            if not actions and not any(r >= c.tau for r in ratios.values()) and rise >= SETTLED_RISE:
+                round_record["notes"].append(
+                    f"no layer is saturated yet, but the Gamma path is still moving (a selection ratio rose "
+                    f"by {rise:.2f} this round): training on without growing")
+            elif not actions:
                 done = True
                 saturated = any(r >= c.tau for r in ratios.values())
                 round_record["stop"] = ("no growth step fits the budget" if saturated
-                                        else f"no layer is saturated (selection ratio >= tau {c.tau})")
+                                        else f"no layer is saturated (selection ratio >= tau {c.tau}) and the "
+                                             f"Gamma path has settled (no ratio rose by {SETTLED_RISE} this round)")
             else:
                 grown = grown.to(self.device)
                 new_optimizer = self.make_optimizer(grown)
