@@ -137,3 +137,13 @@ def test_sigkill_in_second_round_then_resume(tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == list(range(1, len(history["rounds"]) + 1))
     assert (out / "model.json").exists()
+
+
+def test_growth_waits_while_the_gamma_path_is_still_moving(tmp_path):
+    """After one round of the resnet seed nothing is saturated yet but selection ratios are rising:
+    the run trains on and grows later instead of stopping with the seed."""
+    result = grow_network(tiny_config(tmp_path / "resnet", space="resnet", budget_macs=3_000_000, max_rounds=3))
+    first, second = result.history["rounds"][:2]
+    assert not first["actions"] and "stop" not in first
+    assert any("still moving" in note for note in first["notes"])
+    assert second["actions"] and result.history["final"]["macs"] > first["macs"]
