@@ -132,3 +132,11 @@ def postgres(tmp_path):
 
 def test_two_processes_share_one_postgresql_study(postgres, tmp_path):
     two_processes_then_a_third(postgres, tmp_path)
+
+
+@pytest.mark.slow
+def test_workers_are_processes_sharing_the_journal(tmp_path):
+    config = TuneConfig(base=base(tmp_path), trials=3, out=str(tmp_path), workers=2)
+    study = run_study(config)
+    assert len(finished(study)) == 3
+    assert (tmp_path / "best.json").exists()
