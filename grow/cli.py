@@ -95,6 +95,12 @@ def cmd_grow(args: argparse.Namespace) -> int:
             raise GrowError(f"{args.resume} holds no grow run to resume (no config.json)")
         config = GrowConfig.from_dict(json.loads(config_path.read_text()))
         config.out = str(args.resume)
+        given = config_from_args(args, config.out)
+        ignored = [k for k in GrowConfig.__dataclass_fields__ if k != "out"
+                   and getattr(given, k) != getattr(GrowConfig(), k) and getattr(given, k) != getattr(config, k)]
+        if ignored:
+            print(f"note: --resume continues with the run's saved settings; ignoring "
+                  f"{', '.join(_flag(k) for k in ignored)}", file=sys.stderr)
     else:
         config = config_from_args(args, args.out)
         if args.params:
@@ -107,6 +113,10 @@ def cmd_grow(args: argparse.Namespace) -> int:
     if args.quiet:
         print(f"test accuracy {result.test_accuracy:.4f}; model in {result.out / 'model.json'}")
     return 0
+
+
+def _flag(field: str) -> str:
+    return "--budget-flops" if field == "budget_macs" else "--" + field.replace("_", "-")
 
 
 def _apply_params(config, path: str):

@@ -351,6 +351,8 @@ def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, res
     out = Path(config.out)
     if resume and not (out / "checkpoint.json").exists():
         raise GrowError(f"{out} holds no checkpoint to resume from")
+    if resume and json.loads((out / "checkpoint.json").read_text()).get("finished"):
+        raise GrowError(f"{out} is a finished run; its model is {out / 'model.json'}")
     if not resume and (out / "checkpoint.json").exists():
         raise GrowError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -384,6 +386,8 @@ def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, res
     run.history["final"] = {"macs": count_macs(model.spec), "params": count_params(model.spec),
                             "model_json": str(model_json), "spec": model.spec.to_dict(), **metrics}
     write_json(out / "history.json", run.history)
+    pointer = json.loads((out / "checkpoint.json").read_text())
+    write_json(out / "checkpoint.json", {**pointer, "finished": True})
     _plot(out, run.history, reporter)
     reporter.finish(run.history, metrics)
     return GrowResult(out, model, run.history, test_acc, "finished")

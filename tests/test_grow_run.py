@@ -104,6 +104,8 @@ def test_existing_run_folder_is_not_overwritten(finished_run):
     out, _ = finished_run
     with pytest.raises(GrowError, match="--resume"):
         grow_network(tiny_config(out))
+    with pytest.raises(GrowError, match="finished run"):
+        grow_network(tiny_config(out), resume=True)
 
 
 def test_divergence_stops_with_a_clear_error(tmp_path):
