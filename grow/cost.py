@@ -6,6 +6,7 @@ and additions are left out. FLOPs in the strict sense are 2 x MACs.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional, Sequence
 
@@ -59,6 +60,8 @@ def parse_count(text: str | int | float) -> int:
         if not match:
             raise ValueError(f"budget {text!r} is not a number with an optional K/M/G suffix (e.g. 40M)")
         value = float(match.group(1)) * _SCALE[match.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"budget {text!r} is not a finite number")
     if not value >= 1:
         raise ValueError(f"budget {text!r} must be at least 1")
     return int(value)

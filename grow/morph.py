@@ -63,7 +63,10 @@ def deepenable(model: nn.Module) -> list[int]:
 
 def stage_depth(model: nn.Module, stage: int) -> int:
     """Number of layers or blocks in `stage`."""
-    return _family(model.spec).stage_depth(model.spec, stage)
+    family = _family(model.spec)
+    if stage not in family.deepenable(model.spec):
+        raise ValueError(f"the network has no stage {stage!r}; its stages: {family.deepenable(model.spec)}")
+    return family.stage_depth(model.spec, stage)
 
 
 def widen(model: nn.Module, widths: dict[str, int], generator: Optional[torch.Generator] = None) -> nn.Module:

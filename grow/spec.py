@@ -31,7 +31,11 @@ class ArchSpec:
     FORMAT: ClassVar[str] = "grow.arch/1"
 
     def __post_init__(self) -> None:
+        # One canonical form (tuple shape, float statistics), so a spec equals its JSON round trip
+        # and the model's normalisation buffers are floating point even for integer statistics.
         self.input_shape = tuple(self.input_shape)
+        if isinstance(self.normalization, dict):
+            self.normalization = {k: [float(v) for v in values] for k, values in self.normalization.items()}
 
     def to_dict(self) -> dict:
         return {"format": self.FORMAT, "family": self.family, "input_shape": list(self.input_shape),
@@ -45,6 +49,7 @@ class ArchSpec:
 
         if not isinstance(data, dict):
             raise SpecError("an architecture must be a JSON object")
+        check_keys(data, {"format", "family", "input_shape", "num_classes", "body", "normalization"}, "architecture")
         if data.get("format", cls.FORMAT) != cls.FORMAT:
             raise SpecError(f"architecture format {data.get('format')!r} is not {cls.FORMAT!r}")
         missing = [k for k in ("family", "input_shape", "num_classes", "body") if k not in data]
@@ -90,6 +95,14 @@ class ArchSpec:
             raise SpecError(f"{path}: {err}") from None
 
 
+def check_keys(data: dict, allowed: set[str], where: str) -> None:
+    """Refuse keys nobody reads: a misspelt key would otherwise be dropped without a word."""
+    unknown = sorted(str(k) for k in data if k not in allowed)
+    if unknown:
+        raise SpecError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                        f"allowed: {', '.join(sorted(allowed))}")
+
+
 def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -99,7 +112,8 @@ def _check_normalization(norm: Any, channels: int) -> None:
         return
     ok = isinstance(norm, dict) and all(
         isinstance(norm.get(k), list) and len(norm[k]) == channels
-        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in norm[k]) for k in ("mean", "std"))
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in norm[k])
+        for k in ("mean", "std")) and set(norm) == {"mean", "std"}
     if not ok or any(v <= 0 for v in norm["std"]):
         raise SpecError(f"'normalization' must be {{'mean': [{channels} numbers], 'std': [{channels} positive numbers]}}")
 
@@ -107,6 +121,4 @@ def _check_normalization(norm: Any, channels: int) -> None:
 def build(spec: ArchSpec) -> nn.Module:
     """The nn.Module for `spec` (fresh initialisation); it carries the spec as `.spec`."""
     from search_spaces import get
-    model = get(spec.family).build(spec)
-    model.spec = spec
-    return model
+    return get(spec.family).build(spec)

@@ -19,7 +19,7 @@ def names() -> list[str]:
 
 def get(name: str) -> ModuleType:
     """The family module `name`; SpecError listing the known ones otherwise."""
-    if name not in FAMILIES:
+    if not isinstance(name, str) or name not in FAMILIES:
         from grow.spec import SpecError
         raise SpecError(f"unknown network family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]

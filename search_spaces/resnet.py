@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from grow.spec import ArchSpec, SpecError
+from grow.spec import ArchSpec, SpecError, check_keys
 from search_spaces.common import ConvBN, Normalize, check_width, conv_row, linear_row, scaled
 
 NAME = "resnet"
@@ -20,12 +20,16 @@ CLASSIC_DEPTH = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
 
 
 def validate(body: dict) -> None:
+    if not isinstance(body, dict):
+        raise SpecError("resnet 'body' must be a JSON object {'stages': [...]}")
+    check_keys(body, {"stages"}, "resnet body")
     stages = body.get("stages")
     if not (isinstance(stages, list) and stages):
         raise SpecError("resnet 'body.stages' must be a non-empty list of {'width': w, 'blocks': [w, ...]}")
     for s, stage in enumerate(stages):
         if not (isinstance(stage, dict) and isinstance(stage.get("blocks"), list) and stage["blocks"]):
             raise SpecError(f"resnet body.stages[{s}] must be {{'width': w, 'blocks': [inner widths]}} with >= 1 block")
+        check_keys(stage, {"width", "blocks"}, f"resnet body.stages[{s}]")
         check_width(stage.get("width"), f"resnet body.stages[{s}].width")
         for b, w in enumerate(stage["blocks"]):
             check_width(w, f"resnet body.stages[{s}].blocks[{b}]")
@@ -81,6 +85,7 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
+        self.spec = spec
         stages = spec.body["stages"]
         self.normalize = Normalize(spec.normalization, spec.input_shape[0])
         self.stem = ConvBN(spec.input_shape[0], stages[0]["width"])

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from grow.spec import ArchSpec, SpecError
+from grow.spec import ArchSpec, SpecError, check_keys
 from search_spaces.common import ConvBN, Normalize, check_width, conv_row, identity_bn_, identity_conv_, linear_row, scaled
 
 NAME = "vgg"
@@ -22,6 +22,9 @@ CLASSIC = {
 
 
 def validate(body: dict) -> None:
+    if not isinstance(body, dict):
+        raise SpecError("vgg 'body' must be a JSON object {'stages': [[widths], ...]}")
+    check_keys(body, {"stages"}, "vgg body")
     stages = body.get("stages")
     if not (isinstance(stages, list) and stages and all(isinstance(s, list) and s for s in stages)):
         raise SpecError("vgg 'body.stages' must be a non-empty list of non-empty lists of widths")
@@ -68,6 +71,7 @@ def _pools(spec: ArchSpec) -> list[bool]:
 class VGG(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
+        self.spec = spec
         c = spec.input_shape[0]
         self.normalize = Normalize(spec.normalization, c)
         self.stages = nn.ModuleList()
