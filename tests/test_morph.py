@@ -5,7 +5,7 @@ import torch
 import grow
 import search_spaces
 from grow.cost import count_macs, measure_macs
-from grow.morph import deepen, deepenable, move_optimizer_state, units, widen, widenable
+from grow.morph import deepen, deepenable, move_optimizer_state, stage_depth, units, widen, widenable
 from grow.spec import build
 
 FAMILIES = ["vgg", "resnet", "mobilenet"]
@@ -36,6 +36,15 @@ def models():
 MODELS = list(models())
 
 
+def assert_carried(old, new):
+    """Every old tensor keeps its name and sits in the leading slice of the new one; the new spec
+    describes the new module exactly."""
+    new_state = new.state_dict()
+    for name, tensor in old.state_dict().items():
+        assert torch.equal(new_state[name][tuple(slice(0, n) for n in tensor.shape)], tensor), name
+    assert {k: v.shape for k, v in build(new.spec).state_dict().items()} == {k: v.shape for k, v in new_state.items()}
+
+
 def assert_same_function(old, new):
     x = torch.rand(8, *SHAPE)
     with torch.no_grad():
@@ -49,6 +58,7 @@ def test_widen_every_unit_keeps_the_function(spec):
     for unit in units(model):
         grown = widen(model, {unit.name: unit.width + 4})
         assert_same_function(model, grown)
+        assert_carried(model, grown)
         assert {u.name: u.width for u in units(grown)}[unit.name] == unit.width + 4
         assert count_macs(grown.spec) == measure_macs(grown)
 
@@ -59,6 +69,8 @@ def test_deepen_every_stage_keeps_the_function(spec):
     for stage in deepenable(model):
         grown = deepen(model, stage)
         assert_same_function(model, grown)
+        assert_carried(model, grown)
+        assert stage_depth(grown, stage) == stage_depth(model, stage) + 1
         assert count_macs(grown.spec) == measure_macs(grown) > count_macs(model.spec)
         assert len(list(grown.parameters())) > len(list(model.parameters()))
 
@@ -72,15 +84,25 @@ def three_sgd_steps(model):
         opt.step()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_new_filters_learn_within_three_steps(family):
+def every_unit():
+    for family in FAMILIES:
+        model = build(search_spaces.get(family).seed(SHAPE, 10))
+        for unit in units(model):
+            yield pytest.param(family, unit.name, id=f"{family}-{unit.name}")
+
+
+@pytest.mark.parametrize("family, name", list(every_unit()))
+def test_new_filters_learn_within_three_steps(family, name):
+    """Zero outgoing weights do not trap new filters: within three steps every producer's new
+    filters have moved."""
     model = build(search_spaces.get(family).seed(SHAPE, 10))
-    unit = units(model)[1]
+    unit = next(u for u in units(model) if u.name == name)
     grown = widen(model, {unit.name: unit.width + 4})
-    weight = grown.get_submodule(unit.producers[0]).weight
-    before = weight[unit.width:].detach().clone()
+    weights = [grown.get_submodule(p).weight for p in unit.producers]
+    before = [w[unit.width:].detach().clone() for w in weights]
     three_sgd_steps(grown)
-    assert not torch.allclose(weight[unit.width:], before)
+    for producer, w, b in zip(unit.producers, weights, before):
+        assert not torch.allclose(w[unit.width:], b), producer
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -135,3 +157,30 @@ def test_optimizer_state_moves_with_growth():
     consumer_new = grown.get_submodule("stages.1.0.conv").weight
     assert torch.equal(new_opt.state[consumer_new]["z"][:, :8], opt.state[consumer_old]["z"])
     assert not new_opt.state[consumer_new]["z"][:, 8:].any()
+
+
+def test_sgd_momentum_moves_with_growth():
+    model = build(search_spaces.get("resnet").seed(SHAPE, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.rand(16, *SHAPE), torch.randint(0, 10, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    stream = next(u for u in units(model) if u.kind == "stream" and u.stage == 1)
+    grown = deepen(widen(model, {stream.name: stream.width + 4}), 1)
+    new_opt = torch.optim.SGD(grown.parameters(), lr=0.1, momentum=0.9)
+    move_optimizer_state(model, opt, grown, new_opt)
+    old_params = dict(model.named_parameters())
+    for name, p in grown.named_parameters():
+        if name not in old_params:
+            assert p not in new_opt.state, name
+            continue
+        old = opt.state[old_params[name]]["momentum_buffer"]
+        new = new_opt.state[p]["momentum_buffer"]
+        lead = tuple(slice(0, n) for n in old.shape)
+        assert torch.equal(new[lead], old), name
+        rest = new.clone()
+        rest[lead] = 0
+        assert not rest.any(), name
+    new_opt.step()  # the carried state is usable as it is

@@ -1,15 +1,16 @@
-"""Architectures as data: exact JSON round trips, clear errors, and costs that match torch's counter."""
+"""Architectures as data: exact JSON round trips, clear errors, models that carry their spec."""
+import io
 import json
 
 import pytest
+import torch
 
 import search_spaces
-from grow.cost import count_macs, count_params, measure_macs, parse_count
+from grow.cost import count_macs
 from grow.spec import ArchSpec, SpecError, build
 
-CLASSICS = [("vgg", "vgg16", 313.2e6), ("vgg", "vgg11", None), ("resnet", "resnet20", 40.8e6),
-            ("resnet", "resnet56", 125.7e6), ("mobilenet", "mobilenetv2", None)]
-
+VGG = '"family": "vgg", "input_shape": [3, 32, 32], "num_classes": 10'
+MOBILENET_STAGE = '{"width": 8, "stride": 1, "blocks": [8]}'
 
 @pytest.mark.parametrize("family", search_spaces.names())
 def test_json_round_trip_is_exact(family):
@@ -18,23 +19,6 @@ def test_json_round_trip_is_exact(family):
     again = ArchSpec.from_json(text)
     assert again == spec and again.to_json() == text
     assert build(spec).spec == spec
-
-
-@pytest.mark.parametrize("family, name, expected", CLASSICS)
-def test_classic_members_cost_what_the_literature_says(family, name, expected):
-    spec = search_spaces.get(family).classic(name, (3, 32, 32), 10)
-    model = build(spec)
-    assert count_macs(spec) == measure_macs(model)
-    assert count_params(spec) == sum(p.numel() for p in model.parameters())
-    if expected:
-        assert count_macs(spec) == pytest.approx(expected, rel=0.02)
-
-
-@pytest.mark.parametrize("family", search_spaces.names())
-def test_seed_costs_match_the_counter(family):
-    for shape in [(1, 28, 28), (3, 32, 32), (3, 16, 16)]:
-        spec = search_spaces.get(family).seed(shape, 10)
-        assert count_macs(spec) == measure_macs(build(spec))
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -46,6 +30,19 @@ def test_seed_costs_match_the_counter(family):
     ('{"family": "resnet", "input_shape": [3, 32, 32], "num_classes": 10, "body": {"stages": [{"width": 8}]}}', "stages[0]"),
     ('{"family": "vgg", "input_shape": [3, 32, 32], "num_classes": 10, "body": {"stages": [[8]]},'
      ' "normalization": {"mean": [0.5], "std": [0.2]}}', "normalization"),
+    ('{' + VGG + ', "body": {"stages": [[8]]}, "normalization": {"mean": [0, 0, 0], "std": [1, 1, true]}}',
+     "normalization"),
+    ('{' + VGG + ', "body": {"stages": [[8]]}, "normalisation": null}', "unknown key(s) 'normalisation'"),
+    ('{' + VGG + ', "body": {"stages": [[8]], "stage": [[4]]}}', "vgg body has unknown key(s) 'stage'"),
+    ('{"family": ["vgg"], "input_shape": [3, 32, 32], "num_classes": 10, "body": {}}', "unknown network family"),
+    ('{' + VGG + ', "body": {"stages": [[8]]}, "format": "grow.arch/0"}', "format"),
+    ('{' + VGG + ', "body": []}', "'body'"),
+    ('{' + VGG.replace('"vgg"', '"mobilenet"') + ', "body": {"stem": 8, "head": 8, "stages": ['
+     + MOBILENET_STAGE.replace('"stride": 1', '"stride": true') + ']}}', "stages[0].stride"),
+    ('{' + VGG.replace('"vgg"', '"mobilenet"') + ', "body": {"stem": 8, "stages": [' + MOBILENET_STAGE + ']}}',
+     "body.head"),
+    ('{' + VGG.replace('"vgg"', '"resnet"') + ', "body": {"stages": [{"width": 8, "blocks": [8], "stride": 2}]}}',
+     "unknown key(s) 'stride'"),
 ])
 def test_broken_files_give_one_clear_error(text, fragment):
     with pytest.raises(SpecError) as err:
@@ -63,18 +60,6 @@ def test_save_and_load(tmp_path):
         ArchSpec.load(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("text, value", [("40M", 40_000_000), ("2.5m", 2_500_000), ("300k", 300_000),
-                                         ("1G", 10**9), ("12345", 12345), (" 3M ", 3_000_000)])
-def test_budgets_take_suffixes(text, value):
-    assert parse_count(text) == value
-
-
-@pytest.mark.parametrize("text", ["40Q", "", "M", "-3M", "0", "abc"])
-def test_bad_budgets_are_refused(text):
-    with pytest.raises(ValueError, match="budget"):
-        parse_count(text)
-
-
 def test_scale_keeps_depth_and_scales_widths():
     f = search_spaces.get("resnet")
     spec = f.classic("resnet20", (3, 32, 32), 10)
@@ -82,3 +67,59 @@ def test_scale_keeps_depth_and_scales_widths():
     assert [len(s["blocks"]) for s in half.body["stages"]] == [3, 3, 3]
     assert [s["width"] for s in half.body["stages"]] == [8, 16, 32]
     assert count_macs(half) < count_macs(spec) / 3
+
+
+@pytest.mark.parametrize("family", search_spaces.names())
+def test_weights_reload_with_weights_only(family):
+    """A state_dict saved from one build loads into a fresh build of the same spec, safely."""
+    spec = search_spaces.get(family).seed((3, 16, 16), 10, normalization={"mean": [0.5] * 3, "std": [0.2] * 3})
+    model, again = build(spec).eval(), build(spec).eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(model(x), again(x))
+
+
+@pytest.mark.parametrize("family", search_spaces.names())
+def test_normalisation_happens_inside_the_model(family):
+    """Integer statistics work too: they are kept as floats, and the JSON round trip is still exact."""
+    f = search_spaces.get(family)
+    norm = f.seed((3, 8, 8), 10, normalization={"mean": [1, 0, 0], "std": [2, 1, 1]})
+    plain = f.seed((3, 8, 8), 10)
+    assert ArchSpec.from_json(norm.to_json()) == norm
+    torch.manual_seed(1)
+    with_norm = build(norm).eval()
+    torch.manual_seed(1)
+    without = build(plain).eval()
+    x = torch.rand(2, 3, 8, 8)
+    expected = without((x - torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)) / torch.tensor([2.0, 1, 1]).view(1, 3, 1, 1))
+    assert torch.allclose(with_norm(x), expected, atol=1e-6)
+    assert not with_norm.state_dict().keys() - without.state_dict().keys()
+
+
+@pytest.mark.parametrize("family", search_spaces.names())
+def test_every_family_builds_models_that_carry_their_spec(family):
+    f = search_spaces.get(family)
+    spec = f.seed((1, 28, 28), 3)
+    assert f.build(spec).spec == spec and build(spec).spec == spec
+    assert f.build(spec)(torch.rand(4, 1, 28, 28)).shape == (4, 3)
+
+
+def test_unknown_members_and_families_name_the_known_ones():
+    with pytest.raises(SpecError, match="known: vgg, resnet, mobilenet"):
+        search_spaces.get("transformer")
+    with pytest.raises(SpecError, match="resnet20"):
+        search_spaces.get("resnet").classic("resnet18", (3, 32, 32), 10)
+
+
+@pytest.mark.parametrize("family", search_spaces.names())
+def test_scale_multiplies_every_width(family):
+    from grow.morph import units
+    f = search_spaces.get(family)
+    spec = f.seed((3, 32, 32), 10)
+    before = {u.name: u.width for u in units(build(spec))}
+    for factor, expect in [(2, lambda w: 2 * w), (0.01, lambda w: 1)]:
+        scaled = f.scale(spec, factor)
+        assert {u.name: u.width for u in units(build(scaled))} == {n: expect(w) for n, w in before.items()}
