@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +24,7 @@ from grow.cost import count_macs, count_params
 from grow.data import Batches, Splits, load_dataset
 from grow.errors import GrowError
 from grow.export import save_model, save_weights
-from grow.fileio import atomic_path, write_json
+from grow.fileio import write_json
 from grow.optim import DessiLBI
 from grow.policy import Budget, lbi_param_groups, plan_growth, selection_ratios
 from grow.report import NullReporter, Reporter

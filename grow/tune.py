@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import multiprocessing
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import optuna
 import torch

@@ -1,7 +1,6 @@
 """Pieces every family uses: input normalisation, conv+BN(+activation), cost rows, width checks."""
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -82,7 +81,3 @@ def identity_bn_(bn: nn.BatchNorm2d) -> None:
     with torch.no_grad():
         bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps))
         bn.bias.copy_(bn.running_mean)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
