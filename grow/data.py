@@ -65,29 +65,62 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, *, val_fraction: float = 0.1, seed: int = 0,
-                 train_subset: Optional[int] = None, download: bool = True) -> Splits:
-    """Read `name` into memory and split it: validation is carved from the training set by `seed`."""
+                 train_subset: Optional[int] = None, download: bool = True,
+                 image_size: Optional[int | tuple[int, int]] = None) -> Splits:
+    """Read `name` into memory and split it: validation is carved from the training set by `seed`.
+
+    `image_size` (an int or (height, width)) resizes an imagefolder set; other datasets have a fixed size.
+    """
     readers = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "mnist": _mnist, "cifar10": _cifar10,
-               "cifar100": _cifar100, "svhn": _svhn, "imagefolder": _imagefolder}
+               "cifar100": _cifar100, "svhn": _svhn,
+               "imagefolder": lambda root, download, seed: _imagefolder(root, seed, _as_size(image_size))}
     if name not in readers:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"the validation fraction must be in [0, 1), got {val_fraction}")
+    if train_subset is not None and train_subset < 1:
+        raise DataError(f"--train-subset must be at least 1, got {train_subset}")
+    if image_size is not None and name != "imagefolder":
+        raise DataError(f"an image size applies to imagefolder only; {name} images have a fixed size")
     root = Path(data_dir).expanduser() if data_dir else None
     train, test, meta = readers[name](root, download, seed)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(train) * val_fraction))
+    if n_val >= len(train):
+        raise DataError(f"{name}: a validation fraction of {val_fraction} leaves no training images "
+                        f"out of {len(train)}")
     val, train = train.subset(perm[:n_val]), train.subset(perm[n_val:])
     if train_subset is not None:
-        if train_subset < 1:
-            raise DataError(f"--train-subset must be at least 1, got {train_subset}")
         train = train.subset(torch.arange(min(train_subset, len(train))))
-    x = train.images.float().div_(255)
-    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    mean, std = channel_stats(train.images)
     info = DatasetInfo(name, tuple(train.images.shape[1:]), meta["num_classes"], mean, std, meta["flip"],
                        meta["crop_pad"], meta["classes"])
     return Splits(train, val, test, info)
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1], in chunks: a float copy of all of
+    CIFAR's training set would take 600 MB just to compute six numbers."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float64).transpose(0, 1).flatten(1)
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    count = images.numel() // images.shape[1]
+    mean = total / count
+    var = (squares / count - mean.square()) * count / max(count - 1, 1)
+    std = var.clamp_min(0).sqrt().div(255).clamp_min(1e-3)
+    return tuple((mean / 255).tolist()), tuple(std.tolist())
+
+
+def _as_size(size: Optional[int | tuple[int, int]]) -> Optional[tuple[int, int]]:
+    if size is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else size
+    if height < 1 or width < 1:
+        raise DataError(f"the image size must be positive, got {size}")
+    return int(height), int(width)
 
 
 # --- readers -------------------------------------------------------------------------------
@@ -112,12 +145,18 @@ def _synthetic(root, download, seed, n_train: int = 20000, n_test: int = 2000, s
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format: zero, zero, type 0x08 = uint8, number of dimensions, big-endian sizes)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        if raw[:3] != b"\x00\x00\x08":
+            raise ValueError("not a uint8 idx file")
+        ndim = raw[3]
+        dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, ValueError, EOFError, IndexError) as err:
+        raise DataError(f"{path} could not be read ({err}); replace it with the original idx file") from None
 
 
 def _idx_pair(folder: Path, prefix: str) -> Optional[TensorSet]:
@@ -130,9 +169,14 @@ def _idx_pair(folder: Path, prefix: str) -> Optional[TensorSet]:
 
 
 def _mnist_like(root, download, torchvision_cls, folder_name, label, extra_dirs, classes, flip):
+    """The four idx files (.gz or not) in a given folder, in torchvision's root/<Name>/raw, or (with no
+    folder given) in `extra_dirs`; else torchvision's download. A folder holding the idx files directly
+    counts only when the user named it: MNIST and Fashion-MNIST files share their names."""
     meta = {"num_classes": 10, "flip": flip, "crop_pad": 2, "classes": classes}
     base = root or default_data_dir()
-    for folder in [*(d for d in extra_dirs if root is None), base, base / folder_name / "raw"]:
+    folders = [root] if root else list(extra_dirs)
+    folders.append(base / folder_name / "raw")
+    for folder in folders:
         train, test = _idx_pair(folder, "train"), _idx_pair(folder, "t10k")
         if train and test:
             return train, test, meta
@@ -141,7 +185,8 @@ def _mnist_like(root, download, torchvision_cls, folder_name, label, extra_dirs,
         sets = [getattr(torchvision.datasets, torchvision_cls)(str(base), train=t, download=download) for t in (True, False)]
     except Exception as err:
         hint = " (or: apt-get install dataset-fashion-mnist)" if folder_name == "FashionMNIST" else ""
-        raise DataError(f"{label} not found in {base} (expected the four idx files in {base / folder_name / 'raw'})"
+        searched = " or ".join(str(f) for f in folders)
+        raise DataError(f"{label} not found (looked for the four idx files in {searched})"
                         f"{'' if download else ' and downloading is off'}; download it with network access{hint}"
                         f" [{type(err).__name__}]") from None
     return (*(TensorSet(s.data.unsqueeze(1).clone(), s.targets.clone().long()) for s in sets), meta)
@@ -202,60 +247,76 @@ def _svhn(root, download, seed):
     import torchvision
 
     base = root or default_data_dir()
+    files = [base / f"{split}_32x32.mat" for split in ("train", "test")]
+    if all(f.exists() for f in files) or download:
+        try:
+            import scipy.io  # noqa: F401  (torchvision reads the .mat files with it)
+        except ImportError:
+            raise DataError("SVHN's .mat files need scipy to be read: pip install scipy") from None
     try:
         sets = [torchvision.datasets.SVHN(str(base), split=s, download=download) for s in ("train", "test")]
     except Exception as err:
-        raise DataError(f"SVHN not found in {base} (expected train_32x32.mat and test_32x32.mat); run with network "
-                        f"access to download it there [{type(err).__name__}]") from None
+        raise DataError(f"SVHN not found or corrupt in {base} (expected {files[0].name} and {files[1].name}); run "
+                        f"with network access to download it there [{type(err).__name__}]") from None
     meta = {"num_classes": 10, "flip": False, "crop_pad": 4, "classes": [str(k) for k in range(10)]}
     return (*(TensorSet(torch.from_numpy(s.data).clone(), torch.from_numpy(s.labels).long()) for s in sets), meta)
 
 
-def _imagefolder(root, download, seed, test_fraction: float = 0.2):
-    """ImageFolder layout: root/train + root/val (or root/test), or one folder split by `test_fraction`."""
+def _imagefolder(root: Optional[Path], seed: int, size: Optional[tuple[int, int]],
+                 test_fraction: float = 0.2):
+    """ImageFolder layout: root/train + root/val (or root/test), or one folder of class subfolders of
+    which a seeded `test_fraction` becomes the test split. RGB, all resized to `size`, by default the
+    training images' own size when they all agree, else 32x32."""
     import torchvision
 
     if root is None or not root.is_dir():
         raise DataError(f"imagefolder needs --data-dir pointing at a folder of class subfolders, got {root}")
     train_dir = root / "train"
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    split = train_dir.is_dir() and test_dir is not None
     try:
-        if train_dir.is_dir() and test_dir is not None:
-            train_ds, test_ds = torchvision.datasets.ImageFolder(str(train_dir)), torchvision.datasets.ImageFolder(str(test_dir))
-            if train_ds.classes != test_ds.classes:
-                raise DataError(f"{train_dir} and {test_dir} have different class folders")
-            size = _common_size(train_ds)
-            train, test = _folder_tensors(train_ds, size), _folder_tensors(test_ds, size)
-        else:
-            train_ds = torchvision.datasets.ImageFolder(str(root))
-            everything = _folder_tensors(train_ds, _common_size(train_ds))
-            perm = torch.randperm(len(everything), generator=torch.Generator().manual_seed(seed))
-            n_test = max(1, int(round(len(everything) * test_fraction)))
-            test, train = everything.subset(perm[:n_test]), everything.subset(perm[n_test:])
+        train_ds = torchvision.datasets.ImageFolder(str(train_dir if split else root))
+        test_ds = torchvision.datasets.ImageFolder(str(test_dir)) if split else None
+        train_images = _read_images(train_ds)
+        test_images = _read_images(test_ds) if split else []
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"cannot read images from {root}: {err}") from None
-    meta = {"num_classes": len(train_ds.classes), "flip": True, "crop_pad": max(1, train.images.shape[-1] // 8),
+    if test_ds is not None and train_ds.classes != test_ds.classes:
+        raise DataError(f"{train_dir} and {test_dir} have different class folders")
+    sizes = {img.shape[:2] for img in train_images}
+    size = size or (next(iter(sizes)) if len(sizes) == 1 else (32, 32))
+    train = TensorSet(_stack(train_images, size), torch.tensor(train_ds.targets, dtype=torch.int64))
+    if split:
+        test = TensorSet(_stack(test_images, size), torch.tensor(test_ds.targets, dtype=torch.int64))
+    else:
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        n_test = max(1, int(round(len(train) * test_fraction)))
+        test, train = train.subset(perm[:n_test]), train.subset(perm[n_test:])
+    meta = {"num_classes": len(train_ds.classes), "flip": True, "crop_pad": max(1, size[1] // 8),
             "classes": list(train_ds.classes)}
     return train, test, meta
 
 
-def _common_size(ds) -> tuple[int, int]:
-    """The images' size if they all agree, else 32x32."""
+def _read_images(ds) -> list[np.ndarray]:
+    """Every image of an ImageFolder as an RGB uint8 array [H, W, 3], read once."""
     from PIL import Image
-    sizes = {Image.open(path).size for path, _ in ds.samples[:200]}
-    return (next(iter(sizes))[1], next(iter(sizes))[0]) if len(sizes) == 1 else (32, 32)
 
-
-def _folder_tensors(ds, size: tuple[int, int]) -> TensorSet:
-    from PIL import Image
     images = []
     for path, _ in ds.samples:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-    return TensorSet(torch.stack(images), torch.tensor(ds.targets, dtype=torch.int64))
+            images.append(np.asarray(im.convert("RGB")))
+    return images
+
+
+def _stack(images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    from PIL import Image
+
+    def fit(img: np.ndarray) -> np.ndarray:
+        if img.shape[:2] == size:
+            return img
+        return np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+
+    return torch.from_numpy(np.stack([fit(img) for img in images])).permute(0, 3, 1, 2).contiguous()
 
 
 # --- batches -------------------------------------------------------------------------------
@@ -269,6 +330,8 @@ class Batches:
     def __init__(self, data: TensorSet, batch_size: int, *, info: DatasetInfo, train: bool,
                  device: str | torch.device = "cpu", seed: int = 0, augment: bool = True,
                  drop_last: Optional[bool] = None):
+        if batch_size < 1:
+            raise ValueError(f"the batch size must be at least 1, got {batch_size}")
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size = batch_size
