@@ -1,10 +1,13 @@
 """Optimizer step time: DessiLBI vs torch SGD vs a seed-style per-parameter loop.
 
-    python bench/optimizer.py [--steps 200] [--threads 1]
+    python bench/optimizer.py [--steps 200] [--threads 1] [--models cnn,vgg-seed,vgg11]
 
-Same 0.3M-parameter CNN, same fixed gradients, one CPU thread by default. The "seed-style" baseline
-is the same equations written the way the paper's published toolbox did it: a Python loop over
-parameters, a copy of each weight every step, the prox per parameter.
+Same model, same fixed gradients, one CPU thread by default, for each of: the issue's 0.3M-parameter
+CNN, grow's VGG seed (the first network a growth run trains) and VGG-11 (9M parameters, where
+memory traffic is everything). DessiLBI runs twice: with its fused CPU kernel (the default on CPU)
+and with the foreach path it takes on CUDA. The "seed-style" baseline is the same equations
+written the way the paper's published toolbox did it: a Python loop over parameters, a copy of
+each weight every step, the prox per parameter.
 """
 from __future__ import annotations
 
@@ -57,6 +60,16 @@ class SeedStyleLBI:
                 p.data = p.data - self.lr * self.kappa * s["buf"]
 
 
+def vgg(name: str) -> nn.Module:
+    from grow.spec import build
+    from search_spaces import vgg as space
+    spec = space.seed((3, 32, 32), 10) if name == "vgg-seed" else space.classic(name, (3, 32, 32), 10)
+    return build(spec)
+
+
+MODELS = {"cnn": cnn, "vgg-seed": lambda: vgg("vgg-seed"), "vgg11": lambda: vgg("vgg11")}
+
+
 def time_steps(make, model, grads, steps):
     opt = make(model.parameters())
     for p, g in zip(model.parameters(), grads):
@@ -71,14 +84,9 @@ def time_steps(make, model, grads, steps):
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def bench_model(name: str, steps: int, threads: int) -> None:
     torch.manual_seed(0)
-    model = cnn()
+    model = MODELS[name]()
     loss = nn.functional.cross_entropy(model(torch.rand(32, 3, 32, 32)), torch.randint(0, 10, (32,)))
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -86,16 +94,29 @@ def main() -> None:
     rows = [
         ("torch.optim.SGD (momentum 0.9, foreach)",
          lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True)),
-        ("grow.DessiLBI (foreach)", lambda ps: DessiLBI(ps, lr=0.1, mu=100.0)),
+        ("grow.DessiLBI (fused CPU kernel, default)", lambda ps: DessiLBI(ps, lr=0.1, mu=100.0)),
+        ("grow.DessiLBI (foreach, as on CUDA)", lambda ps: DessiLBI(ps, lr=0.1, mu=100.0, fused=False)),
         ("seed-style per-parameter loop", lambda ps: SeedStyleLBI(ps, lr=0.1, mu=100.0)),
     ]
-    results = [(name, time_steps(make, model, grads, args.steps)) for name, make in rows]
+    results = [(label, time_steps(make, model, grads, steps)) for label, make in rows]
     sgd = results[0][1]
-    print(f"CNN with {n / 1e6:.2f}M parameters ({len(grads)} tensors), CPU, {args.threads} thread(s), "
-          f"median of {args.steps} steps")
+    print(f"\n{name}: {n / 1e6:.2f}M parameters ({len(grads)} tensors), CPU, {threads} thread(s), "
+          f"median of {steps} steps")
     print(f"{'optimizer':42s} {'ms/step':>9s} {'vs SGD':>8s}")
-    for name, t in results:
-        print(f"{name:42s} {1e3 * t:9.3f} {t / sgd:7.2f}x")
+    for label, t in results:
+        print(f"{label:42s} {1e3 * t:9.3f} {t / sgd:7.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="cnn,vgg-seed,vgg11",
+                        help=f"comma-separated, from {', '.join(MODELS)}")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.models.split(","):
+        bench_model(name, args.steps, args.threads)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
+
+from grow.fused import FusedStepper
 
 STRUCTURES = ("filter", "element", None)
 
@@ -37,6 +40,12 @@ class DessiLBI(Optimizer):
     to the gradient of every parameter of a group with ``weight_decay > 0``, structured or not,
     exactly as torch SGD does; pass groups to exempt BatchNorm or biases.
 
+    ``fused`` (default True): dense float32/float64 CPU tensors are stepped by a compiled kernel
+    (``grow.fused``) that reads and writes each tensor once, instead of the ~18 passes of separate
+    tensor operations; a step then costs about 1.4x torch SGD's instead of 2.9x (bench/optimizer.py).
+    Other tensors (CUDA, half precision, unusual layouts) take the foreach path, which computes the
+    same equations. The kernel runs on one thread.
+
     Example::
 
         opt = DessiLBI(model.parameters(), lr=0.1, kappa=1.0, mu=20.0)
@@ -47,7 +56,7 @@ class DessiLBI(Optimizer):
 
     def __init__(self, params: Iterable, lr: float, kappa: float = 1.0, mu: float = 100.0,
                  momentum: float = 0.9, weight_decay: float = 0.0, dampening: float = 0.0,
-                 nesterov: bool = False, structure="auto"):
+                 nesterov: bool = False, structure="auto", fused: bool = True):
         if lr <= 0 or kappa <= 0 or mu <= 0:
             raise ValueError(f"lr, kappa and mu must be positive, got lr={lr}, kappa={kappa}, mu={mu}")
         if momentum < 0 or weight_decay < 0:
@@ -55,8 +64,9 @@ class DessiLBI(Optimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening 0")
         defaults = dict(lr=lr, kappa=kappa, mu=mu, momentum=momentum, weight_decay=weight_decay,
-                        dampening=dampening, nesterov=nesterov, structure=structure)
+                        dampening=dampening, nesterov=nesterov, structure=structure, fused=fused)
         super().__init__(params, defaults)
+        self._fused = FusedStepper()
         for group in self.param_groups:
             if group["structure"] not in STRUCTURES + ("auto",):
                 raise ValueError(f"structure must be 'filter', 'element', None or 'auto', got {group['structure']!r}")
@@ -74,6 +84,8 @@ class DessiLBI(Optimizer):
 
     def _step_group(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
+        if group.get("fused", True):  # state dicts from before the option lack the key
+            params = [p for p in params if not self._fused_step(group, p)]
         if not params:
             return
         grads = [p.grad for p in params]
@@ -81,30 +93,53 @@ class DessiLBI(Optimizer):
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         if group["momentum"]:
             grads = self._momentum(group, params, grads)
-        step = -group["lr"] * group["kappa"]
         kinds = [_structure_for(p, group["structure"]) for p in params]
         plain = [i for i, k in enumerate(kinds) if k is None]
         if plain:
-            torch._foreach_add_([params[i] for i in plain], [grads[i] for i in plain], alpha=step)
+            torch._foreach_add_([params[i] for i in plain], [grads[i] for i in plain],
+                                alpha=-group["lr"] * group["kappa"])
         if len(plain) < len(params):
             lbi = [i for i, k in enumerate(kinds) if k is not None]
             self._lbi_step(group, [params[i] for i in lbi], [grads[i] for i in lbi], [kinds[i] for i in lbi])
 
+    def _fused_step(self, group: dict, p: torch.Tensor) -> bool:
+        """Step ``p`` in one pass over memory if it is a dense CPU float tensor; False if not."""
+        structure = _structure_for(p, group["structure"])
+        state = self.state[p]
+        first = group["momentum"] != 0 and "momentum_buffer" not in state
+        if first:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if structure is not None and "z" not in state:
+            self._init_lbi_state(state, p)
+        tensors = [state.get(k) for k in ("momentum_buffer", "z", "gamma")]
+        if self._fused.step(p, tensors, structure, group, first):
+            return True
+        if _adopt_layout(state, p):  # e.g. the model went channels_last after its state was made
+            tensors = [state.get(k) for k in ("momentum_buffer", "z", "gamma")]
+            if self._fused.step(p, tensors, structure, group, first):
+                return True
+        if first:  # the foreach path starts the buffer from the gradient itself
+            del state["momentum_buffer"]
+        return False
+
     def _momentum(self, group, params, grads):
-        momentum, dampening = group["momentum"], group["dampening"]
-        bufs, old, fresh = [], [], []
+        """buf <- momentum * buf + (1 - dampening) * g, in one pass per tensor where dampening is 0.
+
+        (torch._foreach_mul_ with a Python scalar makes a scalar tensor per tensor on CPU, so the
+        plain loop is cheaper there.)
+        """
+        momentum, keep = group["momentum"], 1 - group["dampening"]
+        bufs = []
         for p, g in zip(params, grads):
             state = self.state[p]
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = state["momentum_buffer"] = g.detach().clone()
+            elif keep == 1:
+                torch.add(g, buf, alpha=momentum, out=buf)
             else:
-                old.append(buf)
-                fresh.append(g)
+                buf.mul_(momentum).add_(g, alpha=keep)
             bufs.append(buf)
-        if old:
-            torch._foreach_mul_(old, momentum)
-            torch._foreach_add_(old, fresh, alpha=1 - dampening)
         if group["nesterov"]:
             return torch._foreach_add(grads, bufs, alpha=momentum)
         return bufs
@@ -115,8 +150,7 @@ class DessiLBI(Optimizer):
         for p in params:
             state = self.state[p]
             if "z" not in state:
-                state["z"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["gamma"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self._init_lbi_state(state, p)
             zs.append(state["z"])
             gammas.append(state["gamma"])
         # Z += (lr/mu) (W - Gamma), with W before this step ...
@@ -130,7 +164,12 @@ class DessiLBI(Optimizer):
             _group_prox([zs[i] for i in filters], [gammas[i] for i in filters], kappa)
         for z, gamma, kind in zip(zs, gammas, kinds):
             if kind == "element":
-                torch.mul(torch.sign(z), (z.abs() - 1).clamp_(min=0), out=gamma).mul_(kappa)
+                torch.mul(nn.functional.softshrink(z, 1.0), kappa, out=gamma)
+
+    @staticmethod
+    def _init_lbi_state(state: dict, p: torch.Tensor) -> None:
+        state["z"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["gamma"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _structure(self, p: torch.Tensor, group: dict) -> Optional[str]:
         return _structure_for(p, group["structure"])
@@ -180,6 +219,16 @@ class DessiLBI(Optimizer):
         if mask.dim() == 1:
             mask = mask.view(-1, *([1] * (p.dim() - 1)))
         return p.detach() * mask
+
+
+def _adopt_layout(state: dict, p: torch.Tensor) -> bool:
+    """Give state tensors the memory layout of their parameter; True if any changed."""
+    changed = False
+    for key, t in state.items():
+        if torch.is_tensor(t) and t.shape == p.shape and t.stride() != p.stride():
+            state[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(t)
+            changed = True
+    return changed
 
 
 def _group_prox(zs: list[torch.Tensor], gammas: list[torch.Tensor], kappa: float) -> None:

@@ -51,11 +51,12 @@ def reference_run(model, data, lr, kappa, mu, momentum):
     return state
 
 
-def test_forty_steps_match_the_equations():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "foreach"])
+def test_forty_steps_match_the_equations(fused):
     lr, kappa, mu, momentum = 0.5, 0.5, 0.5, 0.9  # some filters of the second conv switch on, not all
     data = batches(40)
     ours, ref = small_model(), small_model()
-    opt = DessiLBI(ours.parameters(), lr=lr, kappa=kappa, mu=mu, momentum=momentum)
+    opt = DessiLBI(ours.parameters(), lr=lr, kappa=kappa, mu=mu, momentum=momentum, fused=fused)
     for x, y in data:
         opt.zero_grad()
         loss_of(ours, x, y).backward()
@@ -199,3 +200,153 @@ def test_parameters_without_grad_are_skipped():
     before = model[0].weight.detach().clone()
     opt.step()
     assert torch.equal(model[0].weight, before)
+
+
+def run_both_paths(make_model, steps=15, dtype=torch.float64, **options):
+    """The same run through the fused CPU kernel and through the foreach path."""
+    runs = []
+    for fused in (True, False):
+        model = make_model().to(dtype)
+        opt = DessiLBI(model.parameters(), fused=fused, **options)
+        for x, y in batches(steps):
+            opt.zero_grad()
+            loss_of(model, x.to(dtype).contiguous(memory_format=torch.channels_last), y).backward()
+            opt.step()
+        runs.append((model, opt))
+    return runs
+
+
+@pytest.mark.parametrize("options", [
+    dict(lr=0.5, mu=0.5, kappa=0.5),
+    dict(lr=0.2, mu=1.0, momentum=0.0),
+    dict(lr=0.2, mu=1.0, nesterov=True),
+    dict(lr=0.2, mu=1.0, dampening=0.3, weight_decay=0.01),
+], ids=["momentum", "no-momentum", "nesterov", "dampening-and-decay"])
+def test_fused_kernel_and_foreach_path_agree(options):
+    (a, opt_a), (b, opt_b) = run_both_paths(small_model, **options)
+    assert len(opt_a._fused._views) == len(list(a.parameters())), "every tensor went through the kernel"
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+        for key in opt_b.state[q]:
+            assert torch.allclose(opt_a.state[p][key], opt_b.state[q][key], atol=1e-10, rtol=0)
+
+
+def test_channels_last_weights_take_the_kernel_and_match():
+    (a, opt_a), (b, opt_b) = run_both_paths(lambda: small_model().to(memory_format=torch.channels_last),
+                                            dtype=torch.float32, lr=0.5, mu=0.5)
+    conv = a[2].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert conv in opt_a._fused._views
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
+        if p.dim() == 4:
+            assert torch.equal(opt_a.selected(p), opt_b.selected(q))
+
+
+def test_tensors_the_kernel_cannot_take_still_follow_the_equations():
+    """A non-contiguous weight and a gradient laid out unlike its weight go the foreach way."""
+    def model():
+        net = small_model()
+        net[6].weight = nn.Parameter(net[6].weight.detach().t().contiguous().t())  # column-major
+        return net
+    (a, opt_a), (b, _) = run_both_paths(model, lr=0.5, mu=0.5)
+    assert a[6].weight not in opt_a._fused._views and a[0].weight in opt_a._fused._views
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+
+
+def test_loading_state_into_a_running_optimizer_takes_effect():
+    data = batches(12)
+    a, b = small_model(), small_model()
+    opt_a = DessiLBI(a.parameters(), lr=0.3, mu=2.0)
+    opt_b = DessiLBI(b.parameters(), lr=0.3, mu=2.0)
+    for x, y in data[:4]:
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+    saved = io.BytesIO()
+    torch.save((a.state_dict(), opt_a.state_dict()), saved)
+    for x, y in data[4:8]:  # a runs on; then both rewind to the saved point
+        opt_a.zero_grad()
+        loss_of(a, x, y).backward()
+        opt_a.step()
+    saved.seek(0)
+    weights, state = torch.load(saved, weights_only=True)
+    a.load_state_dict(weights)
+    opt_a.load_state_dict(state)
+    for x, y in data[8:]:
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in opt_b.state[q])
+
+
+def test_state_follows_a_model_that_turns_channels_last():
+    """Growth carries state over, then the model goes channels_last: the kernel still takes it."""
+    runs = []
+    for fused in (True, False):
+        model = small_model()
+        opt = DessiLBI(model.parameters(), lr=0.5, mu=0.5, fused=fused)
+        for i, (x, y) in enumerate(batches(10)):
+            if i == 5:
+                model.to(memory_format=torch.channels_last)
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+        runs.append((model, opt))
+    (a, opt_a), (b, _) = runs
+    conv = a[2].weight
+    assert conv in opt_a._fused._views and opt_a.state[conv]["z"].stride() == conv.stride()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "foreach"])
+def test_grad_scaler_unscales_and_skips_overflowing_steps(fused):
+    """Under torch.amp: a scaled run equals the unscaled one, an inf gradient skips the step."""
+    data = batches(6)
+    plain_model, scaled_model = small_model().float(), small_model().float()
+    plain = DessiLBI(plain_model.parameters(), lr=0.5, mu=0.5, fused=fused)
+    scaled = DessiLBI(scaled_model.parameters(), lr=0.5, mu=0.5, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for x, y in data[:5]:
+        plain.zero_grad()
+        loss_of(plain_model, x.float(), y).backward()
+        plain.step()
+        scaled.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            scaler.scale(loss_of(scaled_model, x.float(), y)).backward()
+        scaler.step(scaled)
+        scaler.update()
+    for p, q in zip(plain_model.parameters(), scaled_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5)
+    before = {k: v.clone() for k, v in scaled_model.state_dict().items()}
+    gamma = scaled.gamma(scaled_model[2].weight).clone()
+    scaled.zero_grad()
+    x, y = data[5]
+    scaler.scale(loss_of(scaled_model, x.float(), y)).backward()
+    scaled_model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    scaler.step(scaled)
+    scaler.update()
+    assert all(torch.equal(before[k], v) for k, v in scaled_model.state_dict().items())
+    assert torch.equal(scaled.gamma(scaled_model[2].weight), gamma)
+
+
+def test_bfloat16_autocast_trains_float32_weights_through_the_kernel():
+    model = small_model().float()
+    opt = DessiLBI(model.parameters(), lr=0.5, kappa=0.5, mu=0.5)
+    first = None
+    for x, y in batches(40):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of(model, x.float(), y)
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert model[0].weight in opt._fused._views
+    assert loss.item() < first and opt.selection_ratio(model[2].weight) > 0
