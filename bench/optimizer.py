@@ -1,6 +1,6 @@
 """Optimizer step time: DessiLBI vs torch SGD vs a seed-style per-parameter loop.
 
-    python bench/optimizer.py [--steps 200] [--threads 1] [--models cnn,vgg-seed,vgg11]
+    python bench/optimizer.py [--steps 200] [--threads 1] [--models cnn,vgg-seed,vgg11] [--train-batch 128] [--train-model vgg-seed]
 
 Same model, same fixed gradients, one CPU thread by default, for each of: the issue's 0.3M-parameter
 CNN, grow's VGG seed (the first network a growth run trains) and VGG-11 (9M parameters, where
@@ -107,16 +107,49 @@ def bench_model(name: str, steps: int, threads: int) -> None:
         print(f"{label:42s} {1e3 * t:9.3f} {t / sgd:7.2f}x")
 
 
+def train_steps(name: str, batch: int, steps: int, threads: int) -> None:
+    """Whole training steps (forward, backward, step; channels_last as grow trains) per optimizer."""
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    makes = [("torch.optim.SGD (momentum 0.9, foreach)",
+              lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, foreach=True)),
+             ("grow.DessiLBI (fused CPU kernel, default)", lambda ps: DessiLBI(ps, lr=0.01, mu=100.0)),
+             ("grow.DessiLBI (foreach, as on CUDA)", lambda ps: DessiLBI(ps, lr=0.01, mu=100.0, fused=False))]
+    print(f"\n{name}: whole training steps, batch {batch}, 32x32, {threads} thread(s), median of {steps}")
+    sgd = None
+    for label, make in makes:
+        torch.manual_seed(0)
+        model = MODELS[name]().to(memory_format=torch.channels_last)
+        opt = make(model.parameters())
+        times = []
+        for i in range(steps + 5):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        sgd = sgd or t
+        print(f"{label:42s} {1e3 * t:9.2f} ms {t / sgd:7.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="cnn,vgg-seed,vgg11",
                         help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--train-batch", type=int, default=128,
+                        help="also time whole training steps at this batch size (0: skip)")
+    parser.add_argument("--train-model", default="vgg-seed", choices=list(MODELS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
         bench_model(name, args.steps, args.threads)
+    if args.train_batch:
+        train_steps(args.train_model, args.train_batch, 30, args.threads)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,14 @@ torch SGD's eight; on a CPU that is the whole cost. Here one loop per tensor rea
 momentum, Z and Gamma once and writes them once; Gamma of a filter is written from Z while the
 filter is still in cache. The arithmetic is the same as the foreach path in ``grow.optim``
 (tests compare both with the equations), and tensors it cannot take go there instead.
+
+Large tensors are split by rows over torch's thread count (torch's own elementwise kernels do
+the same from 32K elements on); small ones stay on the calling thread, where starting threads
+would cost more than the work.
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -16,23 +21,29 @@ import torch
 PLAIN, FILTER, ELEMENT = 0, 1, 2
 _MODES = {None: PLAIN, "filter": FILTER, "element": ELEMENT}
 _DTYPES = (torch.float32, torch.float64)
-_kernel = None
+PARALLEL_MIN = 1 << 15
+_kernels: dict[bool, object] = {}
 
 
-def _compile():
+def _kernel(parallel: bool):
+    if parallel not in _kernels:
+        _kernels[parallel] = _compile(parallel)
+    return _kernels[parallel]
+
+
+def _compile(parallel: bool):
     """Import numba on first use (it costs half a second) and build the kernel."""
     import numba
     import numpy as np
 
     # reassoc lets the norm's running sum vectorise; no flag that assumes finite values, so a
     # NaN gradient still reaches the weights and the training loop sees the divergence
-    @numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
     def step(w, g, buf, z, gamma, mode, lr, kappa, mu, momentum, keep, weight_decay, nesterov, first):
         dt = w.dtype.type
         a, b, c = dt(lr * kappa / mu), dt(lr * kappa), dt(lr / mu)
         m, kp, wd, kap = dt(momentum), dt(keep), dt(weight_decay), dt(kappa)
         rows, cols = w.shape
-        for r in range(rows):
+        for r in numba.prange(rows):
             acc = dt(0.0)
             for i in range(cols):
                 d = g[r, i] + wd * w[r, i]
@@ -57,7 +68,15 @@ def _compile():
                 for i in range(cols):
                     gamma[r, i] = shrink * z[r, i]
 
-    return step
+    if parallel:  # numba's on-disk cache knows a function by name and line, not by its options
+        step = types.FunctionType(step.__code__, step.__globals__, "step_parallel", None, step.__closure__)
+        step.__qualname__ = "_compile.<locals>.step_parallel"
+    return numba.njit(cache=True, parallel=parallel, fastmath={"reassoc", "contract", "nsz"})(step)
+
+
+def _use_threads(threads: int) -> None:
+    import numba
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def _rows(t: torch.Tensor, rows: int):
@@ -84,6 +103,7 @@ class FusedStepper:
 
     def __init__(self) -> None:
         self._views: dict[torch.Tensor, tuple] = {}
+        self._threads = 0
 
     def step(self, p: torch.Tensor, state: list[Optional[torch.Tensor]], structure: Optional[str],
              group: dict, first: bool) -> bool:
@@ -98,14 +118,17 @@ class FusedStepper:
             present = [p] + [t for t in state if t is not None]
             if not can_fuse(present):
                 return False
-            rows = p.shape[0] if structure is not None and p.dim() > 1 else 1
+            rows = p.shape[0] if p.dim() > 1 else 1
             arrays = [_rows(t, rows) if t is not None else None for t in [p] + state]
             cached = self._views[p] = (key, rows, [a if a is not None else arrays[0] for a in arrays])
         _, rows, (w, buf, z, gamma) = cached
-        global _kernel
-        if _kernel is None:
-            _kernel = _compile()
-        _kernel(w, _rows(grad, rows), buf, z, gamma, _MODES[structure], group["lr"], group["kappa"],
+        threads = torch.get_num_threads()
+        parallel = threads > 1 and rows > 1 and w.size >= PARALLEL_MIN
+        kernel = _kernel(parallel)
+        if parallel and threads != self._threads:
+            _use_threads(threads)
+            self._threads = threads
+        kernel(w, _rows(grad, rows), buf, z, gamma, _MODES[structure], group["lr"], group["kappa"],
                 group["mu"], group["momentum"], 1.0 - group["dampening"], group["weight_decay"],
                 group["nesterov"], first)
         return True

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from grow import fused
 from grow.optim import DessiLBI
 
 
@@ -350,3 +351,24 @@ def test_bfloat16_autocast_trains_float32_weights_through_the_kernel():
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     assert model[0].weight in opt._fused._views
     assert loss.item() < first and opt.selection_ratio(model[2].weight) > 0
+
+
+def wide_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 5))
+
+
+def test_large_tensors_split_over_threads_give_the_same_step():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (a, opt_a), (b, opt_b) = run_both_paths(wide_model, steps=8, lr=0.5, mu=0.5)
+    finally:
+        torch.set_num_threads(threads)
+    big = a[2].weight
+    assert big.numel() >= fused.PARALLEL_MIN and big in opt_a._fused._views and True in fused._kernels
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+        for key in opt_b.state[q]:
+            assert torch.allclose(opt_a.state[p][key], opt_b.state[q][key], atol=1e-10, rtol=0)
