@@ -57,6 +57,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, default=d.tau, help="selection ratio at which a layer is saturated")
     g.add_argument("--widen-ratio", type=float, default=d.widen_ratio, help="a saturated layer grows by this share")
     g.add_argument("--widen-min", type=int, default=d.widen_min, help="... and by at least this many filters")
+    g.add_argument("--widen-init", choices=["split", "fresh"], default=d.widen_init,
+                   help="new filters: copies of old ones sharing their outgoing weights (split), or random "
+                        "with zero outgoing weights (fresh); default %(default)s")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")

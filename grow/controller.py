@@ -66,6 +66,7 @@ class GrowConfig:
     tau: float = 0.9
     widen_ratio: float = 0.5
     widen_min: int = 4
+    widen_init: str = "fresh"
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.1
@@ -107,6 +108,8 @@ class GrowConfig:
             raise GrowError(f"mu must be positive, got {self.mu}")
         if self.augment not in ("auto", "on", "off"):
             raise GrowError(f"augment must be auto, on or off, got {self.augment!r}")
+        if self.widen_init not in morph.WIDEN_INITS:
+            raise GrowError(f"widen-init must be one of {', '.join(morph.WIDEN_INITS)}, got {self.widen_init!r}")
         if not 0 < self.tau <= 1:
             raise GrowError(f"tau must be in (0, 1], got {self.tau}")
         if self.space not in search_spaces.names():
@@ -282,7 +285,7 @@ class _Run:
             generator = torch.Generator().manual_seed(c.seed * 1000 + index)
             grown, actions, notes = plan_growth(
                 model.cpu(), ratios, self.budget, tau=c.tau, widen_ratio=c.widen_ratio,
-                widen_min=c.widen_min, generator=generator,
+                widen_min=c.widen_min, generator=generator, widen_init=c.widen_init,
             )
             model.to(self.device)
             round_record["actions"] = [a.to_dict() for a in actions]

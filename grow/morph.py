@@ -69,16 +69,74 @@ def stage_depth(model: nn.Module, stage: int) -> int:
     return family.stage_depth(model.spec, stage)
 
 
-def widen(model: nn.Module, widths: dict[str, int], generator: Optional[torch.Generator] = None) -> nn.Module:
-    """A new network in which each named unit has the given (larger) width; `model` is untouched."""
+WIDEN_INITS = ("split", "fresh")
+
+
+def widen(model: nn.Module, widths: dict[str, int], generator: Optional[torch.Generator] = None,
+          init: str = "fresh") -> nn.Module:
+    """A new network in which each named unit has the given (larger) width; `model` is untouched.
+
+    init "fresh": new filters get random incoming weights and zero outgoing ones (see the module
+    docstring). init "split" (Net2Net): each new filter is a copy of a random old filter, and the
+    old filter's outgoing weights are shared between it and its copies in random proportions, so
+    the function is unchanged, the copies start with the layer's trained features and full
+    gradient, and unequal shares make them diverge.
+    """
+    if init not in WIDEN_INITS:
+        raise ValueError(f"init must be one of {WIDEN_INITS}, got {init!r}")
     current = {u.name: u.width for u in units(model)}
     for name, width in widths.items():
         if name not in current:
             raise ValueError(f"{name!r} is not a growable layer; choose from {', '.join(current)}")
         if not isinstance(width, int) or width < current[name]:
             raise ValueError(f"{name!r} has {current[name]} filters; a new width must be an integer >= that, got {width}")
+    if init == "split":
+        for name, width in widths.items():  # one unit at a time: its channels are the tensors that grew
+            model = _split(model, _family(model.spec).widen_spec(model.spec, {name: width}), generator)
+        return model
     spec = _family(model.spec).widen_spec(model.spec, widths)
     return _transfer(model, spec, generator)
+
+
+@torch.no_grad()
+def _split(model: nn.Module, spec: ArchSpec, generator: Optional[torch.Generator]) -> nn.Module:
+    """Widen the one unit that `spec` widens by copying old channels (see `widen`).
+
+    Family-agnostic: every tensor whose dim 0 grew carries the unit's channels as outputs
+    (producer convs, BatchNorm, depthwise convs, which pass channels through), every tensor whose
+    dim 1 grew reads them (consumer convs, the classifier).
+    """
+    new = _transfer(model, spec, generator)
+    old_state, new_state = model.state_dict(), new.state_dict()
+    grown = [(name, t) for name, t in new_state.items() if t.dim() > 0 and t.shape != old_state[name].shape]
+    if not grown:
+        return new
+    name0, t0 = grown[0]
+    dim = 0 if t0.shape[0] != old_state[name0].shape[0] else 1
+    before, after = old_state[name0].shape[dim], t0.shape[dim]
+    source = torch.randint(0, before, (after - before,), generator=generator)
+    channels = torch.cat([torch.arange(before), source])
+    shares = torch.rand(after, generator=generator, dtype=torch.float64) + 0.5  # in [0.5, 1.5)
+    totals = torch.zeros(before, dtype=torch.float64).index_add_(0, channels, shares)
+    shares = shares / totals[channels]  # the shares of one old channel and its copies sum to 1
+    for name, t in grown:
+        old = old_state[name]
+        if t.shape[0] != old.shape[0]:
+            t.copy_(_rows_of(old, channels.to(old.device), t))
+            old = t.clone()
+        if t.dim() > 1 and t.shape[1] != old.shape[1]:
+            view = (1, -1) + (1,) * (t.dim() - 2)
+            t.copy_(old[:, channels.to(old.device)] * shares.to(t.device, t.dtype).view(view))
+    return new
+
+
+def _rows_of(old: torch.Tensor, channels: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Rows `channels` of `old`, padded with zero columns where `new` also has more columns."""
+    rows = old[channels]
+    if new.dim() > 1 and new.shape[1] > old.shape[1]:
+        pad = rows.new_zeros((rows.shape[0], new.shape[1] - old.shape[1]) + tuple(rows.shape[2:]))
+        rows = torch.cat([rows, pad], dim=1)
+    return rows
 
 
 def deepen(model: nn.Module, stage: int, generator: Optional[torch.Generator] = None) -> nn.Module:

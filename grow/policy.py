@@ -81,16 +81,16 @@ def widen_step(width: int, ratio: float, minimum: int) -> int:
     return max(minimum, math.ceil(width * ratio))
 
 
-def _largest_fitting_widen(model, name, width, target, budget, generator, minimum):
+def _largest_fitting_widen(model, name, width, target, budget, generator, minimum, init):
     """Widest version of `name` in [width + minimum, target] that fits the budget, or None:
     a step smaller than `minimum` filters is not worth a round of training."""
-    candidate = morph.widen(model, {name: target}, generator=generator)
+    candidate = morph.widen(model, {name: target}, generator=generator, init=init)
     if budget.fits(candidate):
         return candidate, target
     lo, hi, best = width + minimum, target - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
-        candidate = morph.widen(model, {name: mid}, generator=generator)
+        candidate = morph.widen(model, {name: mid}, generator=generator, init=init)
         if budget.fits(candidate):
             best, lo = (candidate, mid), mid + 1
         else:
@@ -107,6 +107,7 @@ def plan_growth(
     widen_ratio: float,
     widen_min: int,
     generator: Optional[torch.Generator] = None,
+    widen_init: str = "fresh",
 ) -> tuple[nn.Module, list[Action], list[str]]:
     """Grow `model` where it is saturated, most saturated first, as far as the budget allows.
 
@@ -127,7 +128,7 @@ def plan_growth(
     for unit in saturated:
         target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
         grown, width = _largest_fitting_widen(model, unit.name, unit.width, target, budget, generator,
-                                              min(widen_min, target - unit.width))
+                                              min(widen_min, target - unit.width), widen_init)
         if grown is None:
             skipped.append(f"{unit.name}: widening by {widen_min} filters exceeds the budget")
             continue

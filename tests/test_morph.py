@@ -63,6 +63,39 @@ def test_widen_every_unit_keeps_the_function(spec):
         assert count_macs(grown.spec) == measure_macs(grown)
 
 
+def source_rows(old_w, new_w):
+    """For every new filter, the index of the old filter it equals (None if none)."""
+    flat_old = old_w.flatten(1)
+    return [next((i for i, row in enumerate(flat_old) if torch.equal(row, new_row[: row.numel()])), None)
+            for new_row in new_w[old_w.shape[0]:].flatten(1)]
+
+
+@pytest.mark.parametrize("spec", MODELS)
+def test_split_every_unit_keeps_the_function_with_copied_filters(spec):
+    model = trained_like(spec)
+    for unit in units(model):
+        grown = widen(model, {unit.name: unit.width + 4}, generator=torch.Generator().manual_seed(0), init="split")
+        assert_same_function(model, grown)
+        assert {u.name: u.width for u in units(grown)}[unit.name] == unit.width + 4
+        for producer in unit.producers:
+            old_w, new_w = model.get_submodule(producer).weight, grown.get_submodule(producer).weight
+            assert torch.equal(new_w[: old_w.shape[0], : old_w.shape[1]], old_w)
+            assert None not in source_rows(old_w, new_w), f"{producer}: every new filter copies an old one"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_copies_part_from_their_originals(family):
+    """Unequal shares of the outgoing weights give original and copy different gradients."""
+    model = build(search_spaces.get(family).seed(SHAPE, 10))
+    unit = units(model)[1]
+    grown = widen(model, {unit.name: unit.width + 4}, generator=torch.Generator().manual_seed(0), init="split")
+    w = grown.get_submodule(unit.producers[0]).weight
+    sources = source_rows(model.get_submodule(unit.producers[0]).weight, w)
+    three_sgd_steps(grown)
+    for k, j in enumerate(sources):
+        assert not torch.allclose(w[unit.width + k], w[j]), f"copy {k} still equals filter {j}"
+
+
 @pytest.mark.parametrize("spec", MODELS)
 def test_deepen_every_stage_keeps_the_function(spec):
     model = trained_like(spec)
