@@ -119,15 +119,25 @@ def _split(model: nn.Module, spec: ArchSpec, generator: Optional[torch.Generator
     shares = torch.rand(after, generator=generator, dtype=torch.float64) + 0.5  # in [0.5, 1.5)
     totals = torch.zeros(before, dtype=torch.float64).index_add_(0, channels, shares)
     shares = shares / totals[channels]  # the shares of one old channel and its copies sum to 1
+    readers = []
     for name, t in grown:
         old = old_state[name]
         if t.shape[0] != old.shape[0]:
             t.copy_(_rows_of(old, channels.to(old.device), t))
-            old = t.clone()
-        if t.dim() > 1 and t.shape[1] != old.shape[1]:
-            view = (1, -1) + (1,) * (t.dim() - 2)
-            t.copy_(old[:, channels.to(old.device)] * shares.to(t.device, t.dtype).view(view))
+        if t.dim() > 1 and t.shape[1] != old.shape[1]:  # t holds the old columns, then zeros
+            t.copy_(_share_columns(t, channels, shares))
+            readers.append(name)
+    new._split_log = [*new._split_log, (channels, shares, set(readers))]
     return new
+
+
+def _share_columns(t: torch.Tensor, channels: torch.Tensor, shares: Optional[torch.Tensor]) -> torch.Tensor:
+    """`t` with its leading len(channels) columns replaced by columns `channels` (times `shares`)."""
+    view = (1, -1) + (1,) * (t.dim() - 2)
+    out = t.clone()
+    cols = t[:, channels.to(t.device)]
+    out[:, : len(channels)] = cols if shares is None else cols * shares.to(t.device, t.dtype).view(view)
+    return out
 
 
 def _rows_of(old: torch.Tensor, channels: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -157,6 +167,7 @@ def _transfer(model: nn.Module, spec: ArchSpec, generator: Optional[torch.Genera
         new = build(spec)
     new.to(device=param.device, dtype=param.dtype)
     new.train(model.training)
+    new._split_log = list(getattr(model, "_split_log", ()))  # splits since the optimizer state last moved
     old_state = model.state_dict()
     with torch.no_grad():
         for name, tensor in new.state_dict().items():
@@ -198,8 +209,12 @@ def move_optimizer_state(old_model: nn.Module, old_opt: torch.optim.Optimizer,
     """Carry per-parameter optimizer state (momentum, DessiLBI's Z and Gamma) across growth.
 
     Old entries keep their values, new entries start at zero, parameters that did not exist
-    get no state (the optimizer starts them at zero), so Gamma's path continues.
+    get no state (the optimizer starts them at zero), so Gamma's path continues. Where a widening
+    split filters (init "split"), the readers' columns of Z and Gamma are shared like the weights,
+    so that W - Gamma keeps its meaning, and their momentum is copied (a copy's column sees the
+    same gradient as its original's). The record of those splits is consumed.
     """
+    log = getattr(new_model, "_split_log", [])
     old_params = dict(old_model.named_parameters())
     for name, p in new_model.named_parameters():
         old_p = old_params.get(name)
@@ -210,7 +225,11 @@ def move_optimizer_state(old_model: nn.Module, old_opt: torch.optim.Optimizer,
             if torch.is_tensor(value) and value.shape == old_p.shape:
                 fresh = torch.zeros_like(p)
                 _embed(fresh, value.to(p.device), zero_new_inputs=False)
+                for channels, shares, readers in log:
+                    if name in readers:
+                        fresh = _share_columns(fresh, channels, shares if key in ("z", "gamma") else None)
                 state[key] = fresh
             else:
                 state[key] = value.clone() if torch.is_tensor(value) else value
         new_opt.state[p] = state
+    new_model._split_log = []

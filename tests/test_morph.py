@@ -192,6 +192,33 @@ def test_optimizer_state_moves_with_growth():
     assert not new_opt.state[consumer_new]["z"][:, 8:].any()
 
 
+def test_split_shares_the_readers_state_like_their_weights():
+    """After a split, W - Gamma of a reader summed over an old column and its copies is the old
+    column's, so DessiLBI does not pull the shared weights back; copies' momentum is the original's."""
+    model = build(search_spaces.get("vgg").seed(SHAPE, 10))
+    opt = grow.DessiLBI(model.parameters(), lr=0.5, mu=0.5)
+    x, y = torch.rand(16, *SHAPE), torch.randint(0, 10, (16,))
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    name = widenable(model)[0]
+    grown = widen(model, {name: 12}, generator=torch.Generator().manual_seed(0), init="split")
+    new_opt = grow.DessiLBI(grown.parameters(), lr=0.5, mu=0.5)
+    move_optimizer_state(model, opt, grown, new_opt)
+    sources = source_rows(model.get_submodule(name).weight, grown.get_submodule(name).weight)
+    old_r, new_r = model.get_submodule("stages.1.0.conv").weight, grown.get_submodule("stages.1.0.conv").weight
+    old_gap = (old_r - opt.state[old_r]["gamma"]).detach()
+    new_gap = (new_r - new_opt.state[new_r]["gamma"]).detach()
+    assert opt.state[old_r]["gamma"].any(), "the reader has selected filters"
+    summed = new_gap[:, :8].clone()
+    for k, j in enumerate(sources):
+        summed[:, j] += new_gap[:, 8 + k]
+        assert torch.equal(new_opt.state[new_r]["momentum_buffer"][:, 8 + k], opt.state[old_r]["momentum_buffer"][:, j])
+    assert torch.allclose(summed, old_gap, atol=1e-6)
+    assert grown._split_log == []
+
+
 def test_sgd_momentum_moves_with_growth():
     model = build(search_spaces.get("resnet").seed(SHAPE, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
