@@ -84,6 +84,16 @@ def time_steps(make, model, grads, steps):
     return statistics.median(times)
 
 
+def optimizers(lr: float) -> list[tuple]:
+    """(label, factory) of torch SGD and DessiLBI on both of its paths, at learning rate `lr`."""
+    return [
+        ("torch.optim.SGD (momentum 0.9, foreach)",
+         lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, foreach=True)),
+        ("grow.DessiLBI (fused CPU kernel, default)", lambda ps: DessiLBI(ps, lr=lr, mu=100.0)),
+        ("grow.DessiLBI (foreach, as on CUDA)", lambda ps: DessiLBI(ps, lr=lr, mu=100.0, fused=False)),
+    ]
+
+
 def bench_model(name: str, steps: int, threads: int) -> None:
     torch.manual_seed(0)
     model = MODELS[name]()
@@ -91,13 +101,7 @@ def bench_model(name: str, steps: int, threads: int) -> None:
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     n = sum(p.numel() for p in model.parameters())
-    rows = [
-        ("torch.optim.SGD (momentum 0.9, foreach)",
-         lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True)),
-        ("grow.DessiLBI (fused CPU kernel, default)", lambda ps: DessiLBI(ps, lr=0.1, mu=100.0)),
-        ("grow.DessiLBI (foreach, as on CUDA)", lambda ps: DessiLBI(ps, lr=0.1, mu=100.0, fused=False)),
-        ("seed-style per-parameter loop", lambda ps: SeedStyleLBI(ps, lr=0.1, mu=100.0)),
-    ]
+    rows = optimizers(0.1) + [("seed-style per-parameter loop", lambda ps: SeedStyleLBI(ps, lr=0.1, mu=100.0))]
     results = [(label, time_steps(make, model, grads, steps)) for label, make in rows]
     sgd = results[0][1]
     print(f"\n{name}: {n / 1e6:.2f}M parameters ({len(grads)} tensors), CPU, {threads} thread(s), "
@@ -112,13 +116,9 @@ def train_steps(name: str, batch: int, steps: int, threads: int) -> None:
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-    makes = [("torch.optim.SGD (momentum 0.9, foreach)",
-              lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, foreach=True)),
-             ("grow.DessiLBI (fused CPU kernel, default)", lambda ps: DessiLBI(ps, lr=0.01, mu=100.0)),
-             ("grow.DessiLBI (foreach, as on CUDA)", lambda ps: DessiLBI(ps, lr=0.01, mu=100.0, fused=False))]
     print(f"\n{name}: whole training steps, batch {batch}, 32x32, {threads} thread(s), median of {steps}")
     sgd = None
-    for label, make in makes:
+    for label, make in optimizers(0.01):
         torch.manual_seed(0)
         model = MODELS[name]().to(memory_format=torch.channels_last)
         opt = make(model.parameters())

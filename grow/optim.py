@@ -44,7 +44,7 @@ class DessiLBI(Optimizer):
     (``grow.fused``) that reads and writes each tensor once, instead of the ~18 passes of separate
     tensor operations; a step then costs about 1.4x torch SGD's instead of 2.9x (bench/optimizer.py).
     Other tensors (CUDA, half precision, unusual layouts) take the foreach path, which computes the
-    same equations. The kernel runs on one thread.
+    same equations. Tensors of 32K elements or more are split by rows over torch's thread count.
 
     Example::
 

@@ -170,14 +170,20 @@ def test_coupled_resnet_stream_grows_as_one():
         assert grown.get_submodule(name).out_channels == stream.width + 4
 
 
-def test_optimizer_state_moves_with_growth():
+def vgg_after_lbi_steps(steps, **options):
+    """The vgg seed and its DessiLBI optimizer after `steps` steps on one batch."""
     model = build(search_spaces.get("vgg").seed(SHAPE, 10))
-    opt = grow.DessiLBI(model.parameters(), lr=0.1, mu=5)
+    opt = grow.DessiLBI(model.parameters(), **options)
     x, y = torch.rand(16, *SHAPE), torch.randint(0, 10, (16,))
-    for _ in range(3):
+    for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+    return model, opt
+
+
+def test_optimizer_state_moves_with_growth():
+    model, opt = vgg_after_lbi_steps(3, lr=0.1, mu=5)
     name = widenable(model)[0]
     grown = widen(model, {name: 12})
     new_opt = grow.DessiLBI(grown.parameters(), lr=0.1, mu=5)
@@ -195,13 +201,7 @@ def test_optimizer_state_moves_with_growth():
 def test_split_shares_the_readers_state_like_their_weights():
     """After a split, W - Gamma of a reader summed over an old column and its copies is the old
     column's, so DessiLBI does not pull the shared weights back; copies' momentum is the original's."""
-    model = build(search_spaces.get("vgg").seed(SHAPE, 10))
-    opt = grow.DessiLBI(model.parameters(), lr=0.5, mu=0.5)
-    x, y = torch.rand(16, *SHAPE), torch.randint(0, 10, (16,))
-    for _ in range(20):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, opt = vgg_after_lbi_steps(20, lr=0.5, mu=0.5)
     name = widenable(model)[0]
     grown = widen(model, {name: 12}, generator=torch.Generator().manual_seed(0), init="split")
     new_opt = grow.DessiLBI(grown.parameters(), lr=0.5, mu=0.5)

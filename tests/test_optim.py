@@ -25,6 +25,13 @@ def loss_of(model, x, y):
     return nn.functional.cross_entropy(model(x), y)
 
 
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+
+
 def reference_run(model, data, lr, kappa, mu, momentum):
     """The equations of the issue, written out per parameter, independently of the optimizer."""
     state = {p: {"z": torch.zeros_like(p), "gamma": torch.zeros_like(p), "buf": None} for p in model.parameters()}
@@ -58,10 +65,7 @@ def test_forty_steps_match_the_equations(fused):
     data = batches(40)
     ours, ref = small_model(), small_model()
     opt = DessiLBI(ours.parameters(), lr=lr, kappa=kappa, mu=mu, momentum=momentum, fused=fused)
-    for x, y in data:
-        opt.zero_grad()
-        loss_of(ours, x, y).backward()
-        opt.step()
+    train(ours, opt, data)
     ref_state = reference_run(ref, data, lr, kappa, mu, momentum)
     partly_selected = False
     for p, q in zip(ours.parameters(), ref.parameters()):
@@ -79,10 +83,7 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     data = batches(20)
     a = small_model()
     opt_a = DessiLBI(a.parameters(), lr=0.3, mu=2.0)
-    for x, y in data[:10]:
-        opt_a.zero_grad()
-        loss_of(a, x, y).backward()
-        opt_a.step()
+    train(a, opt_a, data[:10])
     b = small_model()
     b.load_state_dict(a.state_dict())
     opt_b = DessiLBI(b.parameters(), lr=0.3, mu=2.0)
@@ -91,10 +92,7 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     saved.seek(0)
     opt_b.load_state_dict(torch.load(saved, weights_only=True))
     for model, opt in ((a, opt_a), (b, opt_b)):
-        for x, y in data[10:]:
-            opt.zero_grad()
-            loss_of(model, x, y).backward()
-            opt.step()
+        train(model, opt, data[10:])
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
         for key in opt_a.state[p]:
@@ -112,11 +110,8 @@ def test_without_structure_it_is_sgd_with_lr_times_kappa():
     model, twin = small_model(), small_model()
     opt = DessiLBI(model.parameters(), lr=0.1, kappa=2.0, structure=None)
     sgd = torch.optim.SGD(twin.parameters(), lr=0.2, momentum=0.9)
-    for x, y in batches(5):
-        for m, o in ((model, opt), (twin, sgd)):
-            o.zero_grad()
-            loss_of(m, x, y).backward()
-            o.step()
+    for m, o in ((model, opt), (twin, sgd)):
+        train(m, o, batches(5))
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(p, q, atol=1e-12, rtol=0)
 
@@ -136,10 +131,7 @@ def test_groups_choose_their_structure():
 def test_readouts_agree_with_the_state():
     model = small_model()
     opt = DessiLBI(model.parameters(), lr=0.5, mu=0.8)
-    for x, y in batches(30):
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
+    train(model, opt, batches(30))
     conv = model[2].weight
     gamma = opt.state[conv]["gamma"]
     norms = gamma.flatten(1).norm(dim=1)
@@ -162,21 +154,15 @@ def test_lr_scheduler_drives_the_step():
     model, twin = small_model(), small_model()
     opt = DessiLBI(model.parameters(), lr=0.4, mu=5.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    x, y = batches(1)[0]
-    opt.zero_grad()
-    loss_of(model, x, y).backward()
-    opt.step()
+    data = batches(1)
+    train(model, opt, data)
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
     fixed = DessiLBI(twin.parameters(), lr=0.4, mu=5.0)
-    fixed.zero_grad()
-    loss_of(twin, x, y).backward()
-    fixed.step()
+    train(twin, fixed, data)
     fixed.param_groups[0]["lr"] = 0.2
     for m, o in ((model, opt), (twin, fixed)):
-        o.zero_grad()
-        loss_of(m, x, y).backward()
-        o.step()
+        train(m, o, data)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
 
@@ -261,26 +247,17 @@ def test_loading_state_into_a_running_optimizer_takes_effect():
     a, b = small_model(), small_model()
     opt_a = DessiLBI(a.parameters(), lr=0.3, mu=2.0)
     opt_b = DessiLBI(b.parameters(), lr=0.3, mu=2.0)
-    for x, y in data[:4]:
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            loss_of(model, x, y).backward()
-            opt.step()
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        train(model, opt, data[:4])
     saved = io.BytesIO()
     torch.save((a.state_dict(), opt_a.state_dict()), saved)
-    for x, y in data[4:8]:  # a runs on; then both rewind to the saved point
-        opt_a.zero_grad()
-        loss_of(a, x, y).backward()
-        opt_a.step()
+    train(a, opt_a, data[4:8])  # a runs on; then both rewind to the saved point
     saved.seek(0)
     weights, state = torch.load(saved, weights_only=True)
     a.load_state_dict(weights)
     opt_a.load_state_dict(state)
-    for x, y in data[8:]:
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            loss_of(model, x, y).backward()
-            opt.step()
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        train(model, opt, data[8:])
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
         assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in opt_b.state[q])
