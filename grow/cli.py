@@ -1,4 +1,4 @@
-"""`python cli.py grow|tune|show|eval ...`: a thin shell over the library.
+"""`python cli.py grow|tune|show|eval|export ...`: a thin shell over the library.
 
 Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
 """
@@ -151,6 +151,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from grow.deploy import export_model
+    result = export_model(args.model, args.format, args.out, batch=args.batch, dynamic_batch=args.dynamic_batch,
+                          data_dir=args.data_dir, latency=not args.no_latency)
+    print("\n".join(result.summary_lines()))
+    return 0
+
+
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tuning")
     g.add_argument("--trials", type=int, default=20, help="trials this command adds to the study (default %(default)s)")
@@ -221,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="ONNX, torch.export (.pt2) or TorchScript file of a grown model, verified")
+    p.add_argument("model", help="model.json or its run folder")
+    p.add_argument("--format", required=True, choices=("onnx", "pt2", "torchscript"))
+    p.add_argument("--out", default=None,
+                   help="file to write (default: model.onnx, model.pt2 or model.torchscript.pt beside model.json)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--batch", type=int, default=None, help="fixed batch size of the file (default 1)")
+    g.add_argument("--dynamic-batch", action="store_true", help="the file takes any batch size")
+    p.add_argument("--data-dir", default=None, help="where the model's dataset lives, for checking on real images")
+    p.add_argument("--no-latency", action="store_true", help="skip timing PyTorch and the exported file")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
