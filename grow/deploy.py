@@ -80,12 +80,16 @@ class ExportResult:
             lines.append(f"  real images skipped: {v['images_skipped']}")
         if self.latency:
             lat0 = self.latency[0]
-            lines.append(f"latency on this CPU, {lat0.threads} thread(s), median of {lat0.repeats} repeats:")
-            lines += [f"  {lat.runtime:<12} batch {lat.batch:<3} {lat.describe()}" for lat in self.latency]
+            lines.append(f"latency on this CPU, {_threads(lat0.threads)}, median of {lat0.repeats} repeats:")
+            lines += [f"  {lat.runtime:<12} {lat.describe()}" for lat in self.latency]
             note = machine_note(self.latency)
             lines += [f"  note: {note}"] if note else []
         lines.append(f"verification: {self.verify_path}")
         return lines
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
 
 
 def verify_path(path: str | Path) -> Path:

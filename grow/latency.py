@@ -53,16 +53,20 @@ class Latency:
         return self.median_ms / self.batch
 
     def describe(self) -> str:
-        """'0.312 ms (IQR 0.301-0.330)' for batch 1, per image added for larger batches."""
+        """'0.464 ms (IQR 0.460-0.467) for one image', or per batch of N and per image."""
         text = f"{_ms(self.median_ms)} ms (IQR {_ms(self.q1_ms)}-{_ms(self.q3_ms)})"
-        return text if self.batch == 1 else f"{text}, {_ms(self.per_image_ms)} ms per image"
+        if self.batch == 1:
+            return f"{text} for one image"
+        return f"{text} per batch of {self.batch}, {_ms(self.per_image_ms)} ms per image"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "per_image_ms": self.per_image_ms, "spread": self.spread, "busy": self.busy}
 
 
 def _ms(value: float) -> str:
-    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    """About three significant digits, the same decimals for a median and its quartiles."""
+    decimals = 0 if value >= 100 else 1 if value >= 10 else 2 if value >= 1 else 3 if value >= 0.1 else 4
+    return f"{value:.{decimals}f}"
 
 
 def measure_latency(model: nn.Module | str | Path, input_shape: Optional[Sequence[int]] = None,
