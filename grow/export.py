@@ -37,7 +37,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise SpecError(f"weights file {path} does not exist") from None
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise SpecError(f"weights file {path} is not a readable safetensors file ({err})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensors of other shapes: another run's weights
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise SpecError(f"weights file {path} does not match the architecture ({first.rstrip('.')}); "
+                        f"is it another model's weights file?") from None
     if missing or unexpected:
         raise SpecError(
             f"weights file {path} does not match the architecture "
@@ -86,10 +91,15 @@ def read_model_json(path: str | Path) -> dict:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise SpecError(f"{path} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise SpecError(f"cannot read {path}: {err.strerror}") from None
     if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT or "arch" not in record:
         raise SpecError(f"{path} is not a grow model file (expected format {MODEL_FORMAT!r} and an 'arch' entry)")
+    weights = record.get("weights", WEIGHTS_NAME)
+    if not (isinstance(weights, str) and weights and Path(weights).name == weights):
+        raise SpecError(f"{path}: 'weights' must name a file beside it, like {WEIGHTS_NAME!r}; got {weights!r}")
     record["_path"] = str(path)
     return record
 

@@ -1,4 +1,8 @@
-"""Atomic file writes: a later step (resume, load, a tuning worker) never sees half a file."""
+"""Atomic file writes: a later step (resume, load, a tuning worker) never sees half a file.
+
+Files are created with the permissions any other file would get (0666 less the umask, so 0644 by
+default): mkstemp's private 0600 would keep a model from the other users of a shared server.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +13,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path` in one step."""
@@ -17,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         yield Path(tmp)
         os.replace(tmp, target)
     finally:

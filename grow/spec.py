@@ -15,6 +15,17 @@ class SpecError(ValueError):
     """An architecture file or value that cannot describe a network; the message says why."""
 
 
+# Sizes no real network has. A spec beyond them is a typo or a damaged file, and building it would
+# try to allocate more memory than a machine has (one conv of width 10^9 asks for hundreds of GB),
+# so it is refused from its closed-form costs before anything is allocated.
+MAX_WIDTH = 65_536            # channels of one layer (the widest convs in use have a few thousand)
+MAX_SIDE = 16_384             # pixels on a side of the input image
+MAX_CLASSES = 1_000_000
+MAX_LAYERS = 10_000           # conv and linear layers (ResNet-1202 has 1,202)
+MAX_PARAMS = 2_000_000_000    # 8 GB of float32 weights
+MAX_MACS = 10**13             # per image: 10T, ~2,500x ResNet-50 at 224x224
+
+
 @dataclass
 class ArchSpec:
     """A network as data: which family, its input and classes, and the family's layout (`body`).
@@ -60,13 +71,20 @@ class ArchSpec:
             raise SpecError(f"'input_shape' must be three positive integers [C, H, W], got {shape!r}")
         if not (_positive_int(data["num_classes"]) and data["num_classes"] >= 2):
             raise SpecError(f"'num_classes' must be an integer >= 2, got {data['num_classes']!r}")
+        if shape[0] > MAX_WIDTH or max(shape[1:]) > MAX_SIDE or data["num_classes"] > MAX_CLASSES:
+            raise SpecError(f"input_shape {shape} or num_classes {data['num_classes']} is beyond any real network "
+                            f"(at most {MAX_WIDTH} channels, {MAX_SIDE} pixels a side, {MAX_CLASSES:,} classes)")
         _check_normalization(data.get("normalization"), shape[0])
         family = get(data["family"])
         if not isinstance(data["body"], dict):
             raise SpecError("'body' must be a JSON object")
+        if _leaves(data["body"]) > 4 * MAX_LAYERS:
+            raise SpecError(f"'body' describes more than {MAX_LAYERS:,} layers; no real network is that deep")
         family.validate(data["body"])
-        return cls(data["family"], tuple(shape), data["num_classes"], copy.deepcopy(data["body"]),
+        spec = cls(data["family"], tuple(shape), data["num_classes"], copy.deepcopy(data["body"]),
                    copy.deepcopy(data.get("normalization")))
+        check_size(spec)
+        return spec
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -75,7 +93,7 @@ class ArchSpec:
     def from_json(cls, text: str) -> "ArchSpec":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise SpecError(f"architecture is not valid JSON ({err})") from None
         return cls.from_dict(data)
 
@@ -89,6 +107,8 @@ class ArchSpec:
             text = Path(path).read_text()
         except OSError as err:
             raise SpecError(f"cannot read architecture {path}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"architecture {path} is not a text (JSON) file") from None
         try:
             return cls.from_json(text)
         except SpecError as err:
@@ -101,6 +121,33 @@ def check_keys(data: dict, allowed: set[str], where: str) -> None:
     if unknown:
         raise SpecError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
                         f"allowed: {', '.join(sorted(allowed))}")
+
+
+def check_size(spec: ArchSpec) -> None:
+    """SpecError when `spec` is wider, deeper or costlier than any real network (the MAX_* limits),
+    computed in closed form: nothing is allocated."""
+    from search_spaces import get
+
+    rows = get(spec.family).layers(spec)
+    widest = max(max(r["in"], r["out"]) for r in rows)
+    params, macs = sum(r["params"] for r in rows), sum(r["macs"] for r in rows)
+    for what, value, limit in (("layers", len(rows), MAX_LAYERS), ("channels in one layer", widest, MAX_WIDTH),
+                               ("parameters", params, MAX_PARAMS), ("MACs per image", macs, MAX_MACS)):
+        if value > limit:
+            raise SpecError(f"the architecture has {value:,} {what}, beyond any real network "
+                            f"(at most {limit:,}); is a width or the depth mistyped?")
+
+
+def _leaves(value: Any) -> int:
+    """How many numbers a JSON body holds (bounded work before a family walks it)."""
+    count, todo = 0, [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, (dict, list)):
+            todo.extend(item.values() if isinstance(item, dict) else item)
+        else:
+            count += 1
+    return count
 
 
 def _positive_int(v: Any) -> bool:
@@ -121,4 +168,5 @@ def _check_normalization(norm: Any, channels: int) -> None:
 def build(spec: ArchSpec) -> nn.Module:
     """The nn.Module for `spec` (fresh initialisation); it carries the spec as `.spec`."""
     from search_spaces import get
+    check_size(spec)
     return get(spec.family).build(spec)
