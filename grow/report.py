@@ -14,6 +14,69 @@ def human(n: float) -> str:
     return f"{n:g}"
 
 
+LAYER_COLUMNS = ("layer", "kind", "in", "out", "kernel", "stride", "output", "MACs", "params", "share of MACs")
+
+
+def layer_table(info: dict, width: int):
+    """The per-layer table of `show` laid out for a terminal `width` columns wide.
+
+    Wide terminals get the full table. Narrower ones get, in turn: a lighter frame and short headers;
+    then kernel/stride in one column and names without the '.conv' every conv layer ends in; and last,
+    names folded onto two lines. Nothing is cut to an ellipsis; `show --format json` has every full name."""
+    from rich import box
+
+    rows = [_layer_cells(row, info["macs"]) for row in info["layers"]]
+    layouts = (dict(box=box.HEAVY_HEAD, short=False, merge=False, fold=False),
+               dict(box=box.SIMPLE_HEAD, short=True, merge=False, fold=False),
+               dict(box=box.SIMPLE_HEAD, short=True, merge=True, fold=False))
+    for layout in layouts:
+        table = _table(info, rows, **layout)
+        if _rendered_width(table) <= width:
+            return table
+    return _table(info, rows, box=box.SIMPLE_HEAD, short=True, merge=True, fold=True)
+
+
+def _layer_cells(row: dict, total_macs: int) -> dict:
+    return {"layer": row["name"], "kind": row["kind"], "in": str(row["in"]), "out": str(row["out"]),
+            "kernel": str(row.get("kernel", "")), "stride": str(row.get("stride", "")),
+            "output": str(row.get("output", "")), "MACs": human(row["macs"]), "params": human(row["params"]),
+            "share of MACs": f"{row['macs'] / max(total_macs, 1):.1%}"}
+
+
+def _table(info: dict, rows: list[dict], *, box, short: bool, merge: bool, fold: bool):
+    from rich.table import Table
+
+    title = f"{info['space']} {tuple(info['input_shape'])} -> {info['num_classes']} classes"
+    caption = "k/s: kernel/stride; conv layers' names without '.conv'" if merge else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=box,
+                  collapse_padding=short, pad_edge=not short)
+    headers = {"kernel": "k", "stride": "s", "share of MACs": "share"} if short else {}
+    columns = [c for c in LAYER_COLUMNS if not (merge and c == "stride")]
+    for col in columns:
+        name = "k/s" if merge and col == "kernel" else headers.get(col, col)
+        if col == "layer":
+            table.add_column(name, no_wrap=not fold, overflow="fold", min_width=12 if fold else None)
+        else:
+            table.add_column(name, justify="left" if col == "kind" else "right", no_wrap=True)
+    for cells in rows:
+        if merge:
+            cells = {**cells, "kernel": f"{cells['kernel']}/{cells['stride']}" if cells["kernel"] else "",
+                     "layer": cells["layer"].removesuffix(".conv")}
+        table.add_row(*(cells[c] for c in columns))
+    return table
+
+
+def _rendered_width(table) -> int:
+    """Columns `table` takes when nothing limits it (its title and caption wrap, so they do not count)."""
+    import io
+
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(file=io.StringIO(), width=10_000)
+    return Measurement.get(console, console.options, table).maximum
+
+
 class Reporter:
     """Receives the events of a run; the base class ignores them all (the quiet mode)."""
 
@@ -169,7 +232,8 @@ class RichReporter(Reporter):
         final = history.get("final", {})
         self.console.print(
             f"[bold]test accuracy {metrics['test_accuracy']:.4f}[/] | {human(final.get('macs', 0))} MACs, "
-            f"{human(final.get('params', 0))} params | {metrics['epochs']} epochs | model: {final.get('model_json', '')}")
+            f"{human(final.get('params', 0))} params | {metrics['epochs']} epochs | model: {final.get('model_json', '')}",
+            soft_wrap=True)  # never break the line between "model:" and its path (scripts grep it)
 
     def close(self) -> None:
         if self.task is not None:
