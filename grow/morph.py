@@ -1,4 +1,5 @@
-"""Function-preserving growth: widen a layer or deepen a stage without changing what the net computes.
+"""Function-preserving growth: widen a layer or deepen a stage without changing what the net computes;
+and its inverse, `prune`, which removes channels physically.
 
 Every operation is a spec-to-spec change plus a weight transfer by parameter name: the new
 network is built from the new spec, and every old tensor (parameters and buffers) is copied into
@@ -18,7 +19,7 @@ gradient reaches the incoming weights too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional, Sequence, overload
 
 import torch
 from torch import nn
@@ -233,3 +234,115 @@ def move_optimizer_state(old_model: nn.Module, old_opt: torch.optim.Optimizer,
                 state[key] = value.clone() if torch.is_tensor(value) else value
         new_opt.state[p] = state
     new_model._split_log = []
+
+
+# --- pruning: the inverse of widen -----------------------------------------------------------
+
+@overload
+def prune(model: nn.Module, keep: Mapping[str, Sequence[int]], optimizer: None = None) -> nn.Module: ...
+@overload
+def prune(model: nn.Module, keep: Mapping[str, Sequence[int]],
+          optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]: ...
+
+
+def prune(model, keep, optimizer=None):
+    """A new network in which each named unit keeps only the channels `keep[name]`; `model` is untouched.
+
+    `keep` maps a unit name (as in `units(model)`) to the channel indices that stay. A coupled unit
+    (a residual stream) loses the same channels in every producer and every reader, BatchNorm
+    included, and the spec follows. The output is unchanged when every removed channel's outgoing
+    weights (the readers' columns) are zero; otherwise it moves by what those weights carried, which
+    fine-tuning recovers. With an `optimizer` of `model` (torch's optimizers, DessiLBI) the call
+    returns (network, optimizer): a new optimizer of the same class and settings over the pruned
+    network whose state (momentum, DessiLBI's Z and Gamma) keeps the entries of the kept channels.
+    """
+    current = {u.name: u.width for u in units(model)}
+    chosen = _check_keep(keep, current)
+    family = _family(model.spec)
+    kept: dict[str, list[Optional[torch.Tensor]]] = {}  # per tensor and dim: the original indices kept
+    new = model
+    for name, channels in chosen.items():
+        if len(channels) < current[name]:
+            new = _remove(new, family.widen_spec(new.spec, {name: len(channels)}), channels, kept)
+    if new is model:
+        new = _remove(model, model.spec, torch.arange(0), kept)  # a copy: `model` stays untouched
+    if optimizer is None:
+        return new
+    return new, _pruned_optimizer(model, optimizer, new, kept)
+
+
+def _check_keep(keep: Mapping[str, Sequence[int]], current: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The kept channels of each unit as a sorted index tensor; ValueError says what is wrong."""
+    chosen = {}
+    for name, channels in keep.items():
+        if name not in current:
+            raise ValueError(f"{name!r} is not a prunable layer; choose from {', '.join(current)}")
+        index = torch.as_tensor(channels).flatten()
+        if index.numel() and (index.dtype.is_floating_point or index.dtype == torch.bool):
+            raise ValueError(f"{name!r}: channels to keep must be integer indices, got {index.dtype}")
+        index = index.long()
+        if index.numel() == 0:
+            raise ValueError(f"{name!r}: keep at least one channel")
+        if index.min() < 0 or index.max() >= current[name]:
+            raise ValueError(f"{name!r} has channels 0..{current[name] - 1}; cannot keep {index.tolist()}")
+        if index.unique().numel() != index.numel():
+            raise ValueError(f"{name!r}: a channel to keep is listed twice")
+        chosen[name] = index.sort().values
+    return chosen
+
+
+@torch.no_grad()
+def _remove(model: nn.Module, spec: ArchSpec, channels: torch.Tensor,
+            kept: dict[str, list[Optional[torch.Tensor]]]) -> nn.Module:
+    """Build `spec` and fill it with `model`'s tensors, keeping `channels` wherever a dim shrank.
+
+    Family-agnostic, like `_split`: a tensor whose dim 0 shrank carries the unit's channels as
+    outputs (producer convs, BatchNorm, depthwise convs), one whose dim 1 shrank reads them.
+    `kept` accumulates, per tensor and dim, which original indices survive (for optimizer state).
+    """
+    param = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        new = build(spec)
+    new.to(device=param.device, dtype=param.dtype)
+    new.train(model.training)
+    new._split_log = []
+    old_state = model.state_dict()
+    for name, tensor in new.state_dict().items():
+        value, dims = old_state[name], kept.setdefault(name, [None, None])
+        for d in range(min(2, value.dim())):
+            if tensor.shape[d] != value.shape[d]:
+                value = value.index_select(d, channels.to(value.device))
+                dims[d] = channels if dims[d] is None else dims[d][channels]
+        tensor.copy_(value)
+    return new
+
+
+def _pruned_optimizer(old_model: nn.Module, old_opt: torch.optim.Optimizer, new_model: nn.Module,
+                      kept: dict[str, list[Optional[torch.Tensor]]]) -> torch.optim.Optimizer:
+    """An optimizer like `old_opt` over `new_model`, its per-parameter state cut like the weights."""
+    names = {id(p): n for n, p in old_model.named_parameters()}
+    new_params = dict(new_model.named_parameters())
+    groups = []
+    for group in old_opt.param_groups:
+        missing = [p for p in group["params"] if id(p) not in names]
+        if missing:
+            raise ValueError("the optimizer holds tensors that are not parameters of the model being pruned")
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [new_params[names[id(p)]] for p in group["params"]]})
+    new_opt = type(old_opt)(groups, **old_opt.defaults)
+    old_params = dict(old_model.named_parameters())
+    for name, p in new_params.items():
+        old_p = old_params[name]
+        if old_p not in old_opt.state:
+            continue
+        state = {}
+        for key, value in old_opt.state[old_p].items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape == old_p.shape:
+                for d, index in enumerate(kept[name]):
+                    if index is not None:
+                        value = value.index_select(d, index.to(value.device))
+                state[key] = value.clone()
+            else:
+                state[key] = value.clone() if torch.is_tensor(value) else value
+        new_opt.state[p] = state
+    return new_opt
