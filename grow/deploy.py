@@ -30,6 +30,7 @@ from grow.fileio import write_json
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".torchscript.pt"}
 RUNTIME_OF = {"onnx": "onnxruntime", "pt2": "pt2", "torchscript": "torchscript"}
 FORMAT_OF_RUNTIME = {runtime: fmt for fmt, runtime in RUNTIME_OF.items()}
+LOADER = {"onnx": "onnxruntime", "pt2": "torch.export.load", "torchscript": "torch.jit.load"}
 # Opset 18 runs in every onnxruntime since 1.14 (2023), onnxruntime-web included.
 ONNX_OPSET = 18
 # Largest |exported - PyTorch| logit difference, relative to the largest |PyTorch| logit.
@@ -73,7 +74,7 @@ class ExportResult:
         v = self.verification
         size = self.path.stat().st_size / 1024
         lines = [f"exported {self.path} ({self.method}, batch {self.batch or 'dynamic'}, {size:.0f} KB)",
-                 f"verified in {RUNTIME_OF[self.format]} against PyTorch on {v['inputs']}: "
+                 f"verified with {LOADER[self.format]} against the PyTorch model on {v['inputs']}: "
                  f"max abs diff {v['max_abs_diff']:.2g}, max rel diff {v['max_rel_diff']:.2g} "
                  f"(tolerance {v['tolerance']:g}), argmax agrees {v['argmax_agree']}/{v['count']}"]
         if v.get("images_skipped"):
@@ -178,7 +179,11 @@ def _cpu_model(model_or_path) -> tuple[nn.Module, dict]:
 
 
 def _target(out, record: dict, format: str) -> Path:
+    """`out`, which must name the format (so the file can be re-verified and timed from its name alone),
+    or model.<suffix> beside model.json."""
     if out is not None:
+        if not str(out).endswith(FORMATS[format]):
+            raise GrowError(f"the {format} file's name must end in {FORMATS[format]}, got {out}")
         return Path(out)
     if not record:
         raise GrowError("give an output file (out=...) when exporting a module")

@@ -143,8 +143,13 @@ def machine_note(latencies: Sequence[Latency]) -> Optional[str]:
 
     Two signs: repeats that spread widely, and a load average above the number of cores (other
     processes wanting the CPU even if this measurement happened to dodge them)."""
-    reasons = [f"{lat.runtime} batch {lat.batch} repeats spread {lat.spread:.0%} (IQR/median)"
-               for lat in latencies if lat.busy]
+    busy = [lat for lat in latencies if lat.busy]
+    reasons = []
+    if busy:
+        worst = max(busy, key=lambda lat: lat.spread)
+        counted = f"{len(busy)} of {len(latencies)} measurements" if len(latencies) > 1 else "the repeats"
+        reasons.append(f"{counted} spread over {BUSY_SPREAD:.0%} (IQR/median; worst {worst.spread:.0%}, "
+                       f"{worst.runtime} batch {worst.batch})")
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > cores:
