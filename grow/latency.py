@@ -148,13 +148,15 @@ def machine_note(latencies: Sequence[Latency]) -> Optional[str]:
     if busy:
         worst = max(busy, key=lambda lat: lat.spread)
         counted = f"{len(busy)} of {len(latencies)} measurements" if len(latencies) > 1 else "the repeats"
-        reasons.append(f"{counted} spread over {BUSY_SPREAD:.0%} (IQR/median; worst {worst.spread:.0%}, "
-                       f"{worst.runtime} batch {worst.batch})")
+        reasons.append(f"{counted} spread over {BUSY_SPREAD:.0%} (IQR/median; worst {worst.spread:.0%}: "
+                       f"{worst.runtime} batch {worst.batch}, whose fastest repeat took {_ms(worst.min_ms)} ms)")
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > cores:
         reasons.append(f"load average {load:.1f} on {cores} cores")
     if not reasons:
         return None
+    hint = ("; several threads on a loaded machine wait for each other, one thread (OMP_NUM_THREADS=1) "
+            "gives steadier figures") if any(lat.threads > 1 for lat in latencies) else ""
     return "the machine looks busy (" + "; ".join(reasons) + "): these figures are likely slower and " \
-           "noisier than on an idle machine"
+           f"noisier than on an idle machine{hint}"
