@@ -6,30 +6,30 @@ resumes from its last finished round with `resume=True`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import search_spaces
-from grow import morph
+from grow import checkpoints, distributed, guards, morph, rundir
 from grow.cost import count_macs, count_params
 from grow.data import Batches, Splits, load_dataset
 from grow.errors import GrowError
-from grow.export import save_model, save_weights
+from grow.export import load_model, read_model_json, save_model, save_weights
 from grow.fileio import write_json
 from grow.optim import DessiLBI
+from grow.recipe import Recipe, merged
 from grow.policy import Budget, lbi_param_groups, plan_growth, selection_ratios
 from grow.report import NullReporter, Reporter
-from grow.spec import ArchSpec, build
-from grow.train import Diverged, evaluate, train_epoch
+from grow.spec import build
+from grow.train import PRECISIONS, Accelerated, Diverged, evaluate, grad_scaler, resolve_precision, train_epoch
 
 
 @dataclass
@@ -46,6 +46,10 @@ class GrowConfig:
     - widen_ratio 0.5 with at least widen_min 4 filters: a saturated layer grows by half.
     - widen_init "split": new filters are copies of old ones (Net2Net); on Fashion-MNIST over three
       seeds this beat random new filters with zero outgoing weights by 0.23 pt test (RESULTS.md).
+    - label_smoothing 0.1 and a one-cycle fine-tune (grow.recipe): the recipe the baselines of
+      bench/suite.py train with too.
+    - finetune_on_val: once growth has decided, the validation split has done its job; the
+      fine-tune trains on it as well, as a fixed network would train on every labelled image.
     """
 
     dataset: str = "cifar10"
@@ -69,12 +73,18 @@ class GrowConfig:
     widen_ratio: float = 0.5
     widen_min: int = 4
     widen_init: str = "split"
+    label_smoothing: float = 0.1
+    finetune_on_val: bool = True
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.1
     train_subset: Optional[int] = None
     augment: str = "auto"
     download: bool = True
+    precision: str = "auto"  # autocast bf16 / fp16 / fp32; auto: bf16 on CUDA GPUs (fp16 on old ones), fp32 on CPU
+    compile: bool = False  # torch.compile the network, again after every growth step
+    channels_last: bool = True  # NHWC layout: 1.8x faster on CPU (bench/RESULTS.md), what tensor cores want
+    from_model: Optional[str] = None  # a model.json whose network (and weights) replace the family seed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,6 +106,8 @@ class GrowConfig:
 
     def check(self) -> None:
         """Raise GrowError on values that cannot work, before any data is read."""
+        guards.check_types(self)
+        guards.check_budget(self.budget_macs, self.budget_params)
         for name in ("budget_macs", "budget_params"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -114,6 +126,8 @@ class GrowConfig:
             raise GrowError(f"widen-init must be one of {', '.join(morph.WIDEN_INITS)}, got {self.widen_init!r}")
         if not 0 < self.tau <= 1:
             raise GrowError(f"tau must be in (0, 1], got {self.tau}")
+        if self.precision not in PRECISIONS:
+            raise GrowError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.space not in search_spaces.names():
             raise GrowError(f"unknown search space {self.space!r}; choose one of {', '.join(search_spaces.names())}")
 
@@ -154,12 +168,17 @@ class _Run:
         self.config = config
         self.reporter = reporter
         self.out = Path(config.out)
-        self.device = resolve_device(config.device)
+        self.device = distributed.local_device(resolve_device(config.device))
+        self.precision = resolve_precision(config.precision, self.device)
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.accelerated = Accelerated(lambda m: distributed.wrap(m, self.device), compile=config.compile,
+                                       precision=self.precision, channels_last=config.channels_last)
         self.budget = Budget(config.budget_macs, config.budget_params)
         self.splits: Splits = load_dataset(
             config.dataset, config.data_dir, val_fraction=config.val_fraction,
             seed=config.seed, train_subset=config.train_subset, download=config.download,
         )
+        guards.check_splits(self.splits, reporter.message)
         info = self.splits.info
         self.train_batches = Batches(self.splits.train, config.batch_size, info=info, train=True,
                                      device=self.device, seed=config.seed, augment=config.augments())
@@ -182,6 +201,12 @@ class _Run:
 
     def seed_model(self) -> nn.Module:
         info = self.splits.info
+        if self.config.from_model:  # continue growing a network the user already has
+            model = load_start_model(self.config.from_model, info)
+            if not self.budget.fits(model):
+                raise GrowError(f"{self.config.from_model} already needs {count_macs(model.spec):,} MACs and "
+                                f"{count_params(model.spec):,} parameters, above the budget; raise the budget")
+            return model.to(self.device)
         family = search_spaces.get(self.config.space)
         spec = family.seed(info.input_shape, info.num_classes,
                            normalization={"mean": list(info.mean), "std": list(info.std)})
@@ -196,43 +221,33 @@ class _Run:
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, model: nn.Module, optimizer: DessiLBI, next_round: int, growth_done: bool) -> None:
-        """Save the state the next round starts from; the pointer file moves last."""
-        folder = self.out / "checkpoints" / f"round-{next_round:03d}"
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "spec.json").write_text(model.spec.to_json())
-        save_weights(model, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json(tmp / "history.json", self.history)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        write_json(self.out / "checkpoint.json", {
-            "next_round": next_round, "growth_done": growth_done, "epoch": self.epoch,
-            "path": str(folder.relative_to(self.out)),
-        })
+        """Save the state the next round starts from (grow.checkpoints: whole or not at all, with checksums)."""
+        checkpoints.write_round(self.out, next_round, growth_done, self.epoch, spec_json=model.spec.to_json(),
+                                save_weights=lambda path: save_weights(model, path),
+                                optimizer_state=optimizer.state_dict(), history=self.history)
         write_json(self.out / "history.json", self.history)
 
     def restore(self) -> tuple[nn.Module, DessiLBI, int, bool]:
-        pointer = json.loads((self.out / "checkpoint.json").read_text())
-        folder = self.out / pointer["path"]
-        spec = ArchSpec.from_json((folder / "spec.json").read_text())
-        model = build(spec)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        model.to(self.device)
-        optimizer = self.make_optimizer(model)
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device,
-                                             weights_only=True))
-        self.history = json.loads((folder / "history.json").read_text())
-        self.epoch = pointer["epoch"]
-        return model, optimizer, pointer["next_round"], pointer["growth_done"]
+        """The newest intact round checkpoint; a damaged one is named and an earlier round used."""
+        def load(state: checkpoints.RoundState) -> tuple[nn.Module, DessiLBI]:
+            model = build(state.spec)
+            model.load_state_dict(state.weights)
+            model.to(self.device)
+            optimizer = self.make_optimizer(model)
+            optimizer.load_state_dict(state.optimizer)
+            return model, optimizer
+
+        (model, optimizer), state = checkpoints.restore(self.out, load, self.reporter.message)
+        self.history, self.epoch = state.history, state.epoch
+        return model, optimizer, state.next_round, state.growth_done
 
     # --- phases --------------------------------------------------------------------------
-    def train_one_epoch(self, model, optimizer, label, scheduler=None, path=None):
+    def train_one_epoch(self, model, optimizer, label, scheduler=None, path=None, batches=None, validate=True):
         """One epoch and its validation; with `path` (a list), DessiLBI's selection ratios are
         sampled about PATH_SAMPLES times during the epoch into it, as (epoch time, ratios)."""
-        self.train_batches.set_epoch(self.epoch)
-        total = len(self.train_batches)
+        batches = batches or self.train_batches
+        batches.set_epoch(self.epoch)
+        total = len(batches)
         self.reporter.epoch_start(label, total)
         next_sample = [0]
 
@@ -243,17 +258,24 @@ class _Run:
                 next_sample[0] = done + total / PATH_SAMPLES
 
         try:
-            stats = train_epoch(model, optimizer, self.train_batches, scheduler=scheduler, on_batch=on_batch)
+            net = self.accelerated(model, (batches.batch_size // batches.world_size, *self.splits.info.input_shape))
+            stats = train_epoch(net, optimizer, batches, scheduler=scheduler, on_batch=on_batch,
+                                label_smoothing=self.config.label_smoothing, precision=self.precision,
+                                channels_last=self.config.channels_last,
+                                scaler=self.scaler, reduce=distributed.all_reduce_sum)
         except Diverged as err:
             raise GrowError(
                 f"training diverged in {label}: {err}; the last finished round is kept in "
                 f"{self.out} -- lower --lr (now {optimizer.param_groups[0]['lr']:g}) and start again"
             ) from None
         self.epoch += 1
-        val_loss, val_acc = evaluate(model, self.val_batches)
+        val_loss, val_acc = evaluate(model, self.val_batches, precision=self.precision) if validate else (None, None)
         record = {"epoch": self.epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                   "val_loss": val_loss, "val_accuracy": val_acc, "seconds": stats.seconds, "images": stats.images,
                   "images_per_second": stats.images_per_second}
+        compile_seconds = self.accelerated.take_compile_seconds()
+        if compile_seconds:  # --compile: the time torch.compile took for this network, not in "seconds"
+            record["compile_seconds"] = compile_seconds
         return record
 
     def grow_round(self, model: nn.Module, optimizer: DessiLBI, index: int) -> tuple[nn.Module, DessiLBI, bool]:
@@ -321,21 +343,38 @@ class _Run:
         return c.finetune_epochs + unused_rounds * c.epochs_per_round
 
     def finetune(self, model: nn.Module) -> nn.Module:
-        """Plain SGD with a cosine schedule on the dense weights of the grown network."""
+        """The dense recipe (grow.recipe: Nesterov SGD, one-cycle, label smoothing) on the grown
+        network, on train + validation when `finetune_on_val` (then no validation is recorded)."""
         c = self.config
         lr = c.finetune_lr if c.finetune_lr is not None else c.lr
         total = self.finetune_epochs()
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=c.momentum, nesterov=True,
-                                    weight_decay=c.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total * len(self.train_batches)))
+        batches = self.train_batches
+        if c.finetune_on_val and len(self.splits.val):
+            batches = Batches(merged(self.splits.train, self.splits.val), c.batch_size, info=self.splits.info,
+                              train=True, device=self.device, seed=c.seed, augment=c.augments())
+        recipe = Recipe(lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, label_smoothing=c.label_smoothing)
+        optimizer, scheduler = recipe.optimizer(model, total * len(batches))
         epochs = []
         self.reporter.phase("fine-tune", total)
         for e in range(total):
-            record = self.train_one_epoch(model, optimizer, f"fine-tune epoch {e + 1}/{total}", scheduler=scheduler)
+            record = self.train_one_epoch(model, optimizer, f"fine-tune epoch {e + 1}/{total}", scheduler=scheduler,
+                                          batches=batches, validate=batches is self.train_batches)
             epochs.append(record)
             self.reporter.epoch_end(record)
-        self.history["finetune"] = {"epochs": epochs, "lr": lr, "from_unused_rounds": total - c.finetune_epochs}
+        self.history["finetune"] = {"epochs": epochs, "lr": lr, "from_unused_rounds": total - c.finetune_epochs,
+                                    "on_val": batches is not self.train_batches}
         return model
+
+
+def load_start_model(path: str, info) -> nn.Module:
+    """The trained network in model.json `path` (in train mode), checked against the dataset it will
+    train on: `grow --from` and `prune --from` start from it instead of a fresh network."""
+    model = load_model(path).train()
+    spec = model.spec
+    if tuple(spec.input_shape) != tuple(info.input_shape) or spec.num_classes != info.num_classes:
+        raise GrowError(f"{path} takes {tuple(spec.input_shape)} inputs and {spec.num_classes} classes; "
+                        f"{info.name} has {tuple(info.input_shape)} and {info.num_classes}")
+    return model
 
 
 def _dataset_summary(splits: Splits) -> dict:
@@ -344,24 +383,46 @@ def _dataset_summary(splits: Splits) -> dict:
             "train": len(splits.train.labels), "val": len(splits.val.labels), "test": len(splits.test.labels)}
 
 
-def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, resume: bool = False) -> GrowResult:
+def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, resume: bool = False,
+                 overwrite: bool = False) -> GrowResult:
     """Grow a network for `config.dataset` within the budget, fine-tune it, export it to `config.out`.
 
-    With `resume=True`, continue the run in `config.out` from its last finished round.
+    With `resume=True`, continue the run in `config.out` from its last finished round. The folder is
+    locked for the run (grow.rundir); a result already in it is replaced only with `overwrite=True`.
     Raises GrowError (one clear sentence) for problems the user can fix.
+    Started by torchrun, every process runs this same call as one run (grow.distributed): each
+    trains on its share of every global batch, rank 0 alone writes and reports.
     """
+    config.check()
+    ctx = distributed.join(distributed.local_device(resolve_device(config.device)), config.out)
+    distributed.check_batch_size(config.batch_size, ctx)
+    try:
+        return _grow_network(config, reporter if ctx.is_main else None, resume, overwrite)
+    except RuntimeError as err:  # another rank died: one line that says so, not a gloo traceback
+        if distributed.peer_failure(err):
+            raise distributed.peer_failure_error(err, config.out) from None
+        raise
+
+
+def _grow_network(config: GrowConfig, reporter: Optional[Reporter], resume: bool, overwrite: bool) -> GrowResult:
     config.check()
     reporter = reporter or NullReporter()
     out = Path(config.out)
-    if resume and not (out / "checkpoint.json").exists():
-        raise GrowError(f"{out} holds no checkpoint to resume from")
-    if resume and json.loads((out / "checkpoint.json").read_text()).get("finished"):
-        raise GrowError(f"{out} is a finished run; its model is {out / 'model.json'}")
-    if not resume and (out / "checkpoint.json").exists():
-        raise GrowError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_json(out / "config.json", config.to_dict())
+    main = distributed.current().is_main  # under torchrun, rank 0 alone owns and writes the run folder
+    with rundir.claim(out, resume=resume, overwrite=overwrite) if main else contextlib.nullcontext():
+        if resume and main:
+            checkpoints.check_resumable(out)
+        return _grow_owned(config, reporter, resume, out)
+
+
+def _grow_owned(config: GrowConfig, reporter: Reporter, resume: bool, out: Path) -> GrowResult:
+    """The run itself, in a folder this process owns."""
+    if config.from_model and not resume:  # the family is the model's, whatever --space said
+        config.space = read_model_json(config.from_model)["arch"].get("family", config.space)
+    if distributed.current().is_main:  # under torchrun, rank 0 alone writes the run folder
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json(out / "config.json", config.to_dict())
     run = _Run(config, reporter)
     start_round, growth_done = 1, False
     if resume:
@@ -369,30 +430,37 @@ def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, res
     else:
         model = run.seed_model()
         optimizer = run.make_optimizer(model)
+    run.history["distributed"] = distributed.describe(config.batch_size)
     reporter.start(config, run.splits.info, run.device)
     if resume:
         reporter.message(f"resuming {out} at round {start_round}")
     index = start_round
     while not growth_done:
         model, optimizer, growth_done = run.grow_round(model, optimizer, index)
-        run.checkpoint(model, optimizer, index + 1, growth_done)
+        distributed.check_identical(model, optimizer, run.history["rounds"][-1]["actions"], f"round {index}")
+        if distributed.current().is_main:
+            run.checkpoint(model, optimizer, index + 1, growth_done)
         index += 1
     model = run.finetune(model)
     test_batches = Batches(run.splits.test, 512, info=run.splits.info, train=False, device=run.device)
-    test_loss, test_acc = evaluate(model, test_batches)
+    test_loss, test_acc = evaluate(model, test_batches, precision=run.precision)
     run.history["test"] = {"loss": test_loss, "accuracy": test_acc}
     finetuned = run.history["finetune"]["epochs"]
+    # After a fine-tune on train + validation no held-out validation figure exists: None, not a fake one.
     final_val = (finetuned or run.history["rounds"])[-1]["val_accuracy"]
     metrics = {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": final_val,
                "epochs": run.epoch, "dataset": run.splits.info.name,
                "train_macs": training_macs(run.history)}
-    model_json = save_model(model.cpu(), out, metrics=metrics, extra={"classes": list(run.splits.info.classes)})
+    distributed.plain_batchnorm_(model)
+    model_json = (save_model(model.cpu(), out, metrics=metrics, extra={"classes": list(run.splits.info.classes)})
+                  if distributed.current().is_main else out / "model.json")
     run.history["final"] = {"macs": count_macs(model.spec), "params": count_params(model.spec),
                             "model_json": str(model_json), "spec": model.spec.to_dict(), **metrics}
-    write_json(out / "history.json", run.history)
-    pointer = json.loads((out / "checkpoint.json").read_text())
-    write_json(out / "checkpoint.json", {**pointer, "finished": True})
-    _plot(out, run.history, reporter)
+    if distributed.current().is_main:
+        write_json(out / "history.json", run.history)
+        pointer = json.loads((out / "checkpoint.json").read_text())
+        write_json(out / "checkpoint.json", {**pointer, "finished": True})
+        _plot(out, run.history, reporter)
     reporter.finish(run.history, metrics)
     return GrowResult(out, model, run.history, test_acc, "finished")
 

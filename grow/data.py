@@ -17,6 +17,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from grow import distributed
+
 
 class DataError(Exception):
     """Data that cannot be read: the message says which dataset, where we looked, and what to do."""
@@ -320,18 +322,31 @@ def _stack(images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
 
 
 # --- batches -------------------------------------------------------------------------------
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s contiguous share of a global batch of `n` (equal shares when n divides)."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
 class Batches:
     """Iterates over a TensorSet in batches on `device`: yields (x float32 NCHW in [0, 1], y int64).
 
-    Training batches are shuffled and augmented (random crop with zero padding, horizontal flip
+    Training batches are shuffled and augmented (random crop with reflect padding, horizontal flip
     where `info.flip`), deterministically for a given seed and epoch (`set_epoch`).
+
+    Sharded (`world_size` > 1; for training batches by default the torchrun job's, see
+    grow.distributed), `batch_size` is the global batch: every rank draws the same order and the
+    same augmentation for the whole global batch and keeps its own contiguous slice of it, so N
+    processes see together exactly the batches one process sees. `len()` counts global batches.
     """
 
     def __init__(self, data: TensorSet, batch_size: int, *, info: DatasetInfo, train: bool,
                  device: str | torch.device = "cpu", seed: int = 0, augment: bool = True,
-                 drop_last: Optional[bool] = None):
+                 drop_last: Optional[bool] = None, rank: Optional[int] = None, world_size: Optional[int] = None):
         if batch_size < 1:
             raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+        job = distributed.current() if train else distributed.SINGLE
+        self.rank = job.rank if rank is None else rank
+        self.world_size = job.world_size if world_size is None else world_size
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size = batch_size
@@ -355,23 +370,25 @@ class Batches:
         order = torch.randperm(n, generator=gen).to(device) if self.train else torch.arange(n, device=device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx]
+            mine = shard(len(idx), self.rank, self.world_size)
+            x = self.images[idx[mine]]
             if self.augment:
-                x = self._augment(x, gen)
-            yield x.float().div_(255), self.labels[idx]
+                x = self._augment(x, gen, len(idx), mine)
+            yield x.float().div_(255), self.labels[idx[mine]]
 
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, gen: torch.Generator, n: int, mine: slice) -> torch.Tensor:
+        """Random numbers for all `n` images of the global batch; this rank's rows `mine` of them."""
         b, c, h, w = x.shape
         pad = self.info.crop_pad
         if pad:
-            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-            dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen).to(x.device)
-            dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen).to(x.device)
+            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+            dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)[mine].to(x.device)
+            dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)[mine].to(x.device)
             rows = (dy + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
             x = padded.gather(2, rows)
             cols = (dx + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
             x = x.gather(3, cols)
         if self.info.flip:
-            flip = (torch.rand(b, generator=gen) < 0.5).to(x.device).view(b, 1, 1, 1)
+            flip = (torch.rand(n, generator=gen) < 0.5)[mine].to(x.device).view(b, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x

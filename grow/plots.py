@@ -59,7 +59,8 @@ def plot_history(history: dict, out: str | Path) -> list[Path]:
     ax.plot(macs, acc, marker="o", label="end of round (DessiLBI)")
     for m, a, r in zip(macs, acc, history["rounds"]):
         ax.annotate(str(r["round"]), (m, a), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    if history.get("finetune") and history["finetune"]["epochs"]:
+    finetuned = (history.get("finetune") or {}).get("epochs") or []
+    if finetuned and finetuned[-1]["val_accuracy"] is not None:
         ax.plot([macs[-1]], [history["finetune"]["epochs"][-1]["val_accuracy"]], marker="*", markersize=12,
                 linestyle="none", label="after fine-tune")
     ax.set(xlabel="MACs per image (millions)", ylabel="validation accuracy", title="accuracy against cost")
@@ -73,3 +74,30 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_prune(history: dict, out: str | Path) -> list[Path]:
+    """Write prune_path.png (the Gamma path of each layer with the cut marked) and widths.png (each
+    layer's width before and after pruning) into `out`; return their paths."""
+    out = Path(out)
+    ratios, _ = _series(history)
+    cut = history["cut"]
+    what = "ticket taken" if cut["method"] == "ticket" else "cut"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _lines(ax, ratios, marker="")
+    ax.axvline(cut["epoch"], color="red", linestyle="--", linewidth=1.2)
+    ax.set(xlabel="epoch", ylabel="selection ratio (share of filters with Gamma != 0)",
+           title=f"Gamma path per layer (red: {what} after epoch {cut['epoch']})", ylim=(-0.02, 1.02))
+    paths = [_save(fig, out / "prune_path.png")]
+
+    names = list(cut["widths_before"])
+    x = list(range(len(names)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    ax.bar([i - 0.2 for i in x], [cut["widths_before"][n] for n in names], width=0.4, label="before")
+    ax.bar([i + 0.2 for i in x], [cut["widths_after"][n] for n in names], width=0.4, label="after")
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="width (channels)", title=f"widths before and after pruning ({cut['macs_before'] / 1e6:.3g}M -> "
+                                            f"{cut['macs_after'] / 1e6:.3g}M MACs)")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "widths.png"))
+    return paths

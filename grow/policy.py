@@ -16,6 +16,7 @@ from torch import nn
 
 from grow import morph
 from grow.cost import count_macs, count_params
+from grow.spec import ArchSpec
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,9 @@ class Budget:
     macs: Optional[int] = None
     params: Optional[int] = None
 
-    def fits(self, model: nn.Module) -> bool:
-        spec = model.spec
+    def fits(self, model: nn.Module | ArchSpec) -> bool:
+        """Whether a model (or a spec: nothing is built) is within the budget."""
+        spec = getattr(model, "spec", model)
         if self.macs is not None and count_macs(spec) > self.macs:
             return False
         return self.params is None or count_params(spec) <= self.params

@@ -98,8 +98,8 @@ NullReporter = Reporter
 class JsonReporter(Reporter):
     """One JSON object per line and event, for scripts and CI logs."""
 
-    def __init__(self, stream: TextIO = sys.stdout):
-        self.stream = stream
+    def __init__(self, stream: Optional[TextIO] = None):
+        self.stream = stream or sys.stdout  # the stdout of when the run starts (a redirected one included)
 
     def _emit(self, event: str, **data: Any) -> None:
         self.stream.write(json.dumps({"event": event, **data}, default=str) + "\n")
@@ -189,8 +189,9 @@ class RichReporter(Reporter):
             self.progress.stop()
         self.console.print(
             f"  epoch {record['epoch']}: train loss {record['train_loss']:.3f} acc {record['train_accuracy']:.3f}"
-            f" | val loss {record['val_loss']:.3f} acc {record['val_accuracy']:.3f}"
-            f" | {record['images_per_second']:.0f} img/s")
+            + (f" | val loss {record['val_loss']:.3f} acc {record['val_accuracy']:.3f}"
+               if record.get("val_accuracy") is not None else " | on train + val")
+            + f" | {record['images_per_second']:.0f} img/s")
 
     def round_end(self, record, units) -> None:
         from rich.table import Table
@@ -236,5 +237,4 @@ class RichReporter(Reporter):
             soft_wrap=True)  # never break the line between "model:" and its path (scripts grep it)
 
     def close(self) -> None:
-        if self.task is not None:
-            self.progress.stop()
+        self.progress.stop()  # the terminal gets its cursor back however the run ended (a no-op when stopped)

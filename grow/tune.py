@@ -26,7 +26,7 @@ import optuna
 import torch
 
 from grow.controller import GrowConfig, grow_network
-from grow.errors import GrowError
+from grow.errors import GrowError, mask_secrets
 from grow.fileio import write_json
 from grow.report import Reporter
 
@@ -145,7 +145,8 @@ def suggest(trial: optuna.Trial, config: TuneConfig) -> dict:
 def objective(config: TuneConfig, trial: optuna.Trial):
     params = suggest(trial, config)
     out = Path(config.out) / "trials" / f"{config.study_name}-{trial.number:04d}"
-    run = dataclasses.replace(config.base, out=str(out), **params)
+    # A trial is scored on held-out validation images, so its fine-tune must not train on them.
+    run = dataclasses.replace(config.base, out=str(out), finetune_on_val=False, **params)
     start = time.perf_counter()
     try:
         result = grow_network(run, _TrialReporter(trial, not config.multi_objective))
@@ -220,7 +221,7 @@ def write_results(study: optuna.Study, config: TuneConfig) -> None:
         raise GrowError(f"no trial of study {config.study_name!r} finished; see the reasons with `tune` output above")
     write_json(Path(config.out) / "best.json", {
         "params": best.params, "value": best.values[0], "macs": best.user_attrs.get("macs"), "trial": best.number,
-        "study": config.study_name, "storage": config.storage_url(),
+        "study": config.study_name, "storage": mask_secrets(config.storage_url()),
         "objectives": list(config.objectives)})
     if config.multi_objective:
         write_json(Path(config.out) / "pareto.json", [

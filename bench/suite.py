@@ -1,0 +1,211 @@
+"""The judge of growth: grown networks against the fixed networks a practitioner would train instead.
+
+    python bench/suite.py --dataset cifar10 --data-dir ../shared/data --budget-flops 5M --seeds 3
+    python bench/suite.py --dataset fashion-mnist --budget-flops 3M --seeds 3
+    python bench/suite.py --dataset cifar10 --data-dir ../shared/data --budget-flops 5M --quick
+
+For one dataset, budget and family, with the same data, splits, epochs and seeds, it trains:
+
+- grown: `grow` with its defaults for the schedule (rounds of DessiLBI, growth, fine-tune);
+- grown-scratch: the architecture growth found, trained from scratch with the baselines' recipe
+  (separates the shape growth found from the effect of warm-started training);
+- the hand shapes of grow.baselines (the seed topology, the classic member, a deeper member),
+  each with one width multiplier, the largest that fits the budget; "classic" is the uniform
+  baseline a practitioner would use, and "best of K" the best hand shape with K times its compute.
+
+Every fixed network trains with grow.recipe (the same recipe as grow's fine-tune) for as many
+epochs as the whole growth run, on train + validation (it makes no decisions that need held-out
+data). Results are cached per (row, seed) in --out, so an interrupted suite continues where it
+stopped. Writes suite.json, suite.md and accuracy_compute.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from grow.baselines import hand_shapes, scale_to_budget  # noqa: E402
+from grow.cli import add_run_arguments, config_from_args  # noqa: E402
+from grow.controller import GrowConfig, grow_network, training_macs  # noqa: E402
+from grow.cost import count_macs, count_params  # noqa: E402
+from grow.data import load_dataset  # noqa: E402
+from grow.fileio import write_json  # noqa: E402
+from grow.policy import Budget  # noqa: E402
+from grow.recipe import Recipe, train_spec  # noqa: E402
+from grow.report import human  # noqa: E402
+from grow.spec import ArchSpec  # noqa: E402
+
+# Schedules of the issue's scenarios: (epochs per round, max rounds, fine-tune epochs).
+SCHEDULES = {"cifar10": (2, 10, 10), "fashion-mnist": (1, 5, 3)}
+QUICK = {"epochs_per_round": 1, "max_rounds": 3, "finetune_epochs": 2, "train_subset": 3000}
+
+
+def recipe_of(config: GrowConfig) -> Recipe:
+    lr = config.finetune_lr if config.finetune_lr is not None else config.lr
+    return Recipe(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                  label_smoothing=config.label_smoothing)
+
+
+def run_grown(config: GrowConfig, out: Path) -> dict:
+    start = time.perf_counter()
+    result = grow_network(config)
+    final = result.history["final"]
+    return {"test_accuracy": final["test_accuracy"], "macs": final["macs"], "params": final["params"],
+            "train_macs": training_macs(result.history), "seconds": time.perf_counter() - start,
+            "epochs": final["epochs"], "spec": final["spec"]}
+
+
+def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int) -> dict:
+    splits = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
+                          train_subset=config.train_subset, download=config.download)
+    result = train_spec(spec, splits, epochs, recipe_of(config), seed=config.seed, batch_size=config.batch_size,
+                        augment=config.augments(), include_val=True)
+    macs = count_macs(spec)
+    return {"test_accuracy": result["test_accuracy"], "macs": macs, "params": count_params(spec),
+            "train_macs": 3 * macs * result["images"], "seconds": result["seconds"], "epochs": epochs,
+            "spec": spec.to_dict()}
+
+
+def cached(path: Path, make) -> dict:
+    """The result stored at `path`, or make it and store it (atomically)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = make()
+    write_json(path, result)
+    return result
+
+
+def run_seed(config: GrowConfig, rows: list[str], out: Path) -> dict[str, dict]:
+    """Every row of the suite for one seed (config.seed)."""
+    seed_dir = out / f"seed-{config.seed}"
+    results: dict[str, dict] = {}
+    epochs = config.total_epochs()
+    if "grown" in rows or "grown-scratch" in rows:
+        grown_cfg = dataclasses.replace(config, out=str(seed_dir / "grown"))
+        results["grown"] = cached(seed_dir / "grown.json", lambda: run_grown(grown_cfg, seed_dir))
+        print(f"  seed {config.seed} grown: {results['grown']['test_accuracy']:.4f}", flush=True)
+    if "grown-scratch" in rows:
+        spec = ArchSpec.from_dict(results["grown"]["spec"])
+        results["grown-scratch"] = cached(seed_dir / "grown-scratch.json", lambda: run_fixed(spec, config, epochs))
+        print(f"  seed {config.seed} grown-scratch: {results['grown-scratch']['test_accuracy']:.4f}", flush=True)
+    splits_info = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
+                               train_subset=config.train_subset, download=config.download).info
+    norm = {"mean": list(splits_info.mean), "std": list(splits_info.std)}
+    budget = Budget(config.budget_macs, config.budget_params)
+    for label, shape in hand_shapes(config.space, splits_info.input_shape, splits_info.num_classes, norm).items():
+        if label not in rows:
+            continue
+        spec = scale_to_budget(shape, budget)
+        results[label] = cached(seed_dir / f"{label}.json", lambda: run_fixed(spec, config, epochs))
+        print(f"  seed {config.seed} {label}: {results[label]['test_accuracy']:.4f}", flush=True)
+    return results
+
+
+def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Mean and standard deviation of every figure of every row over the seeds, plus best-of-K."""
+    rows: dict[str, dict] = {}
+    names = {name for results in per_seed.values() for name in results}
+    for name in names:
+        values = [results[name] for results in per_seed.values() if name in results]
+        row = {"seeds": len(values)}
+        for key in ("test_accuracy", "macs", "params", "train_macs", "seconds"):
+            xs = [v[key] for v in values]
+            row[key] = statistics.fmean(xs)
+            row[key + "_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        row["test_accuracies"] = [v["test_accuracy"] for v in values]
+        rows[name] = row
+    hand = [n for n in ("shallow", "classic", "deep") if n in rows]
+    if len(hand) > 1:
+        best = max(hand, key=lambda n: rows[n]["test_accuracy"])
+        k = len(hand)
+        rows[f"best of {k} hand shapes"] = {
+            **rows[best], "best": best, "train_macs": k * rows[best]["train_macs"],
+            "seconds": sum(rows[n]["seconds"] for n in hand),
+        }
+    return rows
+
+
+ORDER = ["grown", "grown-scratch", "classic", "shallow", "deep"]
+
+
+def markdown(rows: dict[str, dict], title: str) -> str:
+    lines = [f"**{title}**", "", "| network | test acc (mean +- std) | per seed | MACs | params | train MACs | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    names = [n for n in ORDER if n in rows] + [n for n in rows if n not in ORDER]
+    for name in names:
+        r = rows[name]
+        label = f"{name} ({r['best']})" if "best" in r else name
+        per = ", ".join(f"{a * 100:.1f}" for a in r["test_accuracies"])
+        lines.append(f"| {label} | {r['test_accuracy'] * 100:.2f} +- {r['test_accuracy_std'] * 100:.2f} | {per} | "
+                     f"{human(r['macs'])} | {human(r['params'])} | {human(r['train_macs'])} | {r['seconds']:.0f} |")
+    if "grown" in rows and "classic" in rows:
+        g, c = rows["grown"], rows["classic"]
+        lines.append("")
+        lines.append(f"grown - classic: {100 * (g['test_accuracy'] - c['test_accuracy']):+.2f} pt test accuracy at "
+                     f"{g['train_macs'] / c['train_macs']:.2f}x the training compute")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, r in rows.items():
+        ax.errorbar(r["train_macs"] / 1e12, 100 * r["test_accuracy"], yerr=100 * r["test_accuracy_std"],
+                    marker="*" if name == "grown" else "o", markersize=12 if name == "grown" else 6, capsize=3,
+                    label=name)
+    ax.set(xlabel="training compute (10^12 MACs)", ylabel="test accuracy (%)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default %(default)s)")
+    parser.add_argument("--rows", default=",".join(ORDER), help="rows to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a few minutes: 1-epoch rounds, 3000 images, 1 seed")
+    parser.add_argument("--out", default=None, help="folder for results (default bench/out/<scenario>)")
+    parser.set_defaults(epochs_per_round=None, max_rounds=None, finetune_epochs=None)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    schedule = dict(zip(("epochs_per_round", "max_rounds", "finetune_epochs"),
+                        SCHEDULES.get(args.dataset, (2, 8, 10))))
+    if args.quick:
+        schedule.update(QUICK)
+        args.seeds = min(args.seeds, 1)
+    for key, value in schedule.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    budget = human(args.budget_macs) if args.budget_macs else human(args.budget_params) + " params"
+    scenario = f"{args.dataset}-{args.space}-{budget}" + ("-quick" if args.quick else "")
+    out = Path(args.out or Path(__file__).parent / "out" / scenario)
+    base = config_from_args(args, str(out))
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    print(f"suite {scenario}: {base.total_epochs()} epochs per network, seeds 0..{args.seeds - 1}, out {out}",
+          flush=True)
+    per_seed = {s: run_seed(dataclasses.replace(base, seed=s), rows, out) for s in range(args.seeds)}
+    summary = summarise(per_seed)
+    title = (f"{args.dataset}, {args.space}, budget {budget} MACs, {base.total_epochs()} epochs, "
+             f"{args.seeds} seed(s)")
+    table = markdown(summary, title)
+    print("\n" + table)
+    write_json(out / "suite.json", {"scenario": scenario, "config": base.to_dict(), "rows": summary,
+                                    "per_seed": {str(k): v for k, v in per_seed.items()}})
+    (out / "suite.md").write_text(table + "\n")
+    plot(summary, out / "accuracy_compute.png", title)
+
+
+if __name__ == "__main__":
+    main()

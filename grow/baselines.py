@@ -1,0 +1,55 @@
+"""The networks a practitioner would take instead of growing one: fixed shapes scaled to the budget.
+
+A uniform baseline is a family's classic member (VGG-11, ResNet-20, MobileNetV2) or another fixed
+shape with every width multiplied by one factor, the largest whose cost fits the budget. The
+hand shapes are the depth/width trade-offs a practitioner tries by hand: the family's seed
+topology (shallow and wide once scaled up), its classic member, and a deeper classic member
+(deep and narrow at the same cost).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import search_spaces
+from grow.policy import Budget
+from grow.spec import ArchSpec
+
+# name -> (how the shape is made, why a practitioner would try it)
+HAND_SHAPES = {
+    "vgg": {"shallow": "seed", "classic": "vgg11", "deep": "vgg16"},
+    "resnet": {"shallow": "seed", "classic": "resnet20", "deep": "resnet32"},
+    "mobilenet": {"shallow": "seed", "classic": "mobilenetv2"},
+}
+
+
+def scale_to_budget(spec: ArchSpec, budget: Budget, *, max_factor: float = 64.0) -> ArchSpec:
+    """`spec` with every width times the largest factor whose MACs and parameters fit `budget`.
+
+    Widths are rounded per layer, so cost is a step function of the factor; it never decreases
+    as the factor grows, which makes bisection on the factor exact up to its last step.
+    """
+    family = search_spaces.get(spec.family)
+
+    def fits(factor: float) -> bool:
+        return budget.fits(family.scale(spec, factor))
+
+    lo, hi = 1e-3, max_factor
+    if not fits(lo):
+        raise ValueError(f"even the narrowest {spec.family} of this shape exceeds the budget")
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return family.scale(spec, lo)
+
+
+def hand_shapes(family_name: str, input_shape, num_classes: int,
+                normalization: Optional[dict] = None) -> dict[str, ArchSpec]:
+    """The fixed shapes of HAND_SHAPES for `family_name`, unscaled."""
+    family = search_spaces.get(family_name)
+    shapes = {}
+    for label, member in HAND_SHAPES[family_name].items():
+        if member == "seed":
+            shapes[label] = family.seed(input_shape, num_classes, normalization=normalization)
+        else:
+            shapes[label] = family.classic(member, input_shape, num_classes, normalization=normalization)
+    return shapes
