@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -73,6 +74,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (default %(default)s)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.precision,
+                   help="autocast; auto: bf16 on CUDA GPUs (fp16 where bf16 is missing), fp32 on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (again after each growth step; its time is reported apart)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="train in the NCHW layout instead of channels_last (NHWC)")
 
 
 def config_from_args(args: argparse.Namespace, out: str):
@@ -101,7 +108,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
         given = config_from_args(args, config.out)
         ignored = [k for k in GrowConfig.__dataclass_fields__ if k != "out"
                    and getattr(given, k) != getattr(GrowConfig(), k) and getattr(given, k) != getattr(config, k)]
-        if ignored:
+        if ignored and os.environ.get("RANK", "0") == "0":  # under torchrun, one note, not one per process
             print(f"note: --resume continues with the run's saved settings; ignoring "
                   f"{', '.join(_flag(k) for k in ignored)}", file=sys.stderr)
     else:
@@ -113,7 +120,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
         result = grow_network(config, reporter, resume=bool(args.resume))
     finally:
         reporter.close()
-    if args.quiet:
+    if args.quiet and os.environ.get("RANK", "0") == "0":
         print(f"test accuracy {result.test_accuracy:.4f}; model in {result.out / 'model.json'}")
     return 0
 
