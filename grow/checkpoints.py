@@ -128,6 +128,9 @@ def check_resumable(out: Path) -> None:
         return
     if pointer.finished:
         raise GrowError(f"{out} is a finished run; its model is {out / 'model.json'}")
+    if not (out / pointer.path).is_dir() and not round_folders(out):
+        raise GrowError(f"{out / pointer.path} is missing, and {out / 'checkpoints'} holds no earlier round to "
+                        f"fall back on; start the run again with --overwrite")
 
 
 def _check_position(path: Path, next_round: Any, growth_done: Any, epoch: Any) -> None:

@@ -5,16 +5,20 @@ Errors a user can cause end in one line on stderr and a non-zero exit, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
-from grow.errors import GrowError, user_errors
+from grow.errors import GrowError, mask_secrets, user_errors
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BUG = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,11 +104,8 @@ def _reporter(args):
 def cmd_grow(args: argparse.Namespace) -> int:
     from grow.controller import GrowConfig, grow_network
     if args.resume:
-        config_path = Path(args.resume) / "config.json"
-        if not config_path.exists():
-            raise GrowError(f"{args.resume} holds no grow run to resume (no config.json)")
-        config = GrowConfig.from_dict(json.loads(config_path.read_text()))
-        config.out = str(args.resume)
+        from grow.rundir import load_run_config
+        config = load_run_config(Path(args.resume))
         given = config_from_args(args, config.out)
         ignored = [k for k in GrowConfig.__dataclass_fields__ if k != "out"
                    and getattr(given, k) != getattr(GrowConfig(), k) and getattr(given, k) != getattr(config, k)]
@@ -117,7 +118,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
             config = _apply_params(config, args.params)
     reporter = _reporter(args)
     try:
-        result = grow_network(config, reporter, resume=bool(args.resume))
+        result = grow_network(config, reporter, resume=bool(args.resume), overwrite=args.overwrite)
     finally:
         reporter.close()
     if args.quiet and os.environ.get("RANK", "0") == "0":
@@ -131,22 +132,36 @@ def _flag(field: str) -> str:
 
 def _apply_params(config, path: str):
     """Take kappa, lr, mu, tau ... from a best.json written by `tune`."""
+    from grow.guards import check_types
     try:
         params = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise GrowError(f"cannot read parameters from {path}: {err}") from None
-    params = params.get("params", params)
-    unknown = [k for k in params if not hasattr(config, k)]
+    except OSError as err:
+        raise GrowError(f"cannot read parameters from {path}: {err.strerror}") from None
+    except (ValueError, RecursionError):
+        raise GrowError(f"{path} is not a JSON file of parameters (tune writes one as best.json)") from None
+    params = params.get("params", params) if isinstance(params, dict) else params
+    if not isinstance(params, dict):
+        raise GrowError(f"{path} must hold a JSON object of parameters, like tune's best.json")
+    unknown = [k for k in params if k == "out" or k not in type(config).__dataclass_fields__]
     if unknown:
-        raise GrowError(f"{path} names parameters grow does not know: {', '.join(unknown)}")
+        raise GrowError(f"{path} names parameters grow does not know: {', '.join(map(str, unknown))}")
     for key, value in params.items():
         setattr(config, key, value)
+    try:
+        check_types(config)
+    except GrowError as err:
+        raise GrowError(f"{path}: {err}") from None
     return config
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from grow.inspect import show_model
-    show_model(args.model, batch_size=args.batch_size)
+    from grow.inspect import show_model, summarize_model
+    if args.batch_size < 1:
+        raise GrowError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.format == "json":  # full layer names and every figure, for scripts
+        print(json.dumps(summarize_model(args.model, batch_size=args.batch_size)))
+    else:
+        show_model(args.model, batch_size=args.batch_size)
     return 0
 
 
@@ -205,8 +220,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="grow", description="Grow compact CNNs along the DessiLBI path.")
+def build_parser(prog: str = "grow") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Grow compact CNNs along the DessiLBI path.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("grow", help="grow a network to a budget, fine-tune and export it")
@@ -214,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/grow", help="run folder (default %(default)s)")
     p.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR from its last finished round")
     p.add_argument("--params", metavar="BEST_JSON", default=None, help="take tuned parameters from tune's best.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run or a model (grow's files there are deleted first)")
     _add_output_flags(p)
     p.set_defaults(func=cmd_grow)
 
@@ -226,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="per-layer table of a grown model, with measured latency")
     p.add_argument("model", help="model.json or its folder")
     p.add_argument("--batch-size", type=int, default=64, help="batch for the throughput figure")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table: laid out for the terminal's width; json: every figure and full layer names")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("eval", help="test accuracy of a grown model")
@@ -257,20 +276,96 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                    help="rich: live display; json: one JSON object per line and event")
 
 
+def invoked_name(argv0: Optional[str] = None) -> str:
+    """The command as the user typed it, for usage lines and hints: `grow` (the console script),
+    `python cli.py` or `python -m grow`."""
+    argv0 = argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")
+    name = Path(argv0).name
+    if name == "__main__.py":
+        return "python -m grow"
+    if name.endswith(".py"):
+        return f"python {argv0}"
+    return "grow"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(args.func, args)
+    prog = invoked_name() if argv is None else "grow"
+    args = build_parser(prog).parse_args(argv)
+    args.prog = prog
+    with _signals_as_interrupts():
+        return run_command(args.func, args)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, Kubernetes and `kill` send) or SIGHUP: stop like Ctrl-C, with that signal's code."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM (and SIGHUP, unless ignored as under nohup) unwind like Ctrl-C:
+    `finally` blocks run, the live display gives the terminal its cursor back, checkpoints stay whole."""
+    def handler(signum, frame):
+        signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+        raise Terminated(signum)
+
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in wanted:
+            if signum == signal.SIGTERM or signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a subcommand; user errors become one line and an exit code, Ctrl-C a clean stop."""
+    """Run a subcommand; every failure becomes one line on stderr and an exit code, never a traceback."""
     try:
         return func(args)
-    except KeyboardInterrupt:
-        where = getattr(args, "out", None) or getattr(args, "resume", None)
-        hint = f"; continue with: python cli.py grow --resume {where}" if args.command == "grow" and where else ""
-        print(f"interrupted{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        return _interrupted(args, getattr(err, "signum", None))
     except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _fail(str(err))
+    except MemoryError:
+        return _fail("out of memory; try a smaller --batch-size, budget or dataset")
+    except OSError as err:  # a full disk, a folder that vanished, a file another program locked
+        where = f": {err.filename}" if err.filename else ""
+        return _fail(f"{err.strerror or err}{where}")
+    except Exception as err:  # a bug: one line, and the traceback in a file for the report
+        return _fail(f"unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} -- this is "
+                     f"a bug in grow; the traceback is in {_save_traceback()}", EXIT_BUG)
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
+    print(f"error: {mask_secrets(message)}", file=sys.stderr)
+    return code
+
+
+def _interrupted(args: argparse.Namespace, signum: Optional[int]) -> int:
+    """One line: what stopped the run, and `--resume` only when there is a checkpoint to resume."""
+    what = "interrupted" if signum is None else f"stopped by {signal.Signals(signum).name}"
+    where = getattr(args, "resume", None) or getattr(args, "out", None)
+    hint = ""
+    if args.command == "grow" and where:
+        if (Path(where) / "checkpoint.json").exists():
+            hint = f"; continue with: {getattr(args, 'prog', 'grow')} grow --resume {where}"
+        else:
+            hint = " before the first round finished; nothing to resume (run the same command again to start over)"
+    print(f"{what}{hint}", file=sys.stderr)
+    return EXIT_INTERRUPTED if signum is None else 128 + signum
+
+
+def _save_traceback() -> str:
+    import tempfile
+    import traceback
+    fd, path = tempfile.mkstemp(prefix="grow-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(mask_secrets(traceback.format_exc()))
+    return path

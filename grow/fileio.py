@@ -34,8 +34,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # after the write: some writers (safetensors) recreate the file
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

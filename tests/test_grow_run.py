@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_without_losing_a_round(tmp_path):
 
 def test_existing_run_folder_is_not_overwritten(finished_run):
     out, _ = finished_run
-    with pytest.raises(GrowError, match="--resume"):
+    with pytest.raises(GrowError, match="--overwrite"):
         grow_network(tiny_config(out))
     with pytest.raises(GrowError, match="finished run"):
         grow_network(tiny_config(out), resume=True)
