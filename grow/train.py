@@ -164,23 +164,21 @@ class Accelerated:
         self._compile_seconds = 0.0
 
     def __call__(self, model: nn.Module, batch_shape: tuple[int, ...]) -> nn.Module:
-        first = next(model.parameters())
-        key = (first.device, first.data_ptr())
-        if self._built is None or self._built[0] is not model or self._built[1] != key:
+        if self._built is None or self._built[0] is not model or self._built[1] != _storage(model):
             model.to(memory_format=self.layout)
             net = self.wrap(model)
             if self.compile:
                 net = torch.compile(net)
-                self._compile_seconds += self._warm_up(model, net, batch_shape, first.device)
-            self._built = (model, key, net)
+                self._compile_seconds += self._warm_up(model, net, batch_shape)
+            self._built = (model, _storage(model), net)
         return self._built[2]
 
     def take_compile_seconds(self) -> float:
         seconds, self._compile_seconds = self._compile_seconds, 0.0
         return seconds
 
-    def _warm_up(self, model: nn.Module, net: nn.Module, batch_shape: tuple[int, ...],
-                 device: torch.device) -> float:
+    def _warm_up(self, model: nn.Module, net: nn.Module, batch_shape: tuple[int, ...]) -> float:
+        device = next(model.parameters()).device
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         start = time.perf_counter()
         net.train()
@@ -194,3 +192,9 @@ class Accelerated:
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])
         return seconds
+
+
+def _storage(model: nn.Module) -> tuple:
+    """Where the first parameter lives: changes when the model moves or changes layout."""
+    first = next(model.parameters())
+    return first.device, first.data_ptr()
