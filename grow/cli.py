@@ -159,9 +159,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise GrowError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.format == "json":  # full layer names and every figure, for scripts
-        print(json.dumps(summarize_model(args.model, batch_size=args.batch_size)))
+        print(json.dumps(summarize_model(args.model, batch_size=args.batch_size, runtimes=args.runtime)))
     else:
-        show_model(args.model, batch_size=args.batch_size)
+        show_model(args.model, batch_size=args.batch_size, runtimes=args.runtime)
     return 0
 
 
@@ -245,6 +245,8 @@ def build_parser(prog: str = "grow") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="batch for the throughput figure")
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="table: laid out for the terminal's width; json: every figure and full layer names")
+    p.add_argument("--runtime", action="append", default=[], choices=("onnxruntime", "pt2", "torchscript"),
+                   help="also time the model in this runtime (repeatable); PyTorch eager is always timed")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("eval", help="test accuracy of a grown model")

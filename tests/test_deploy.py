@@ -217,3 +217,12 @@ def test_wide_spread_says_the_machine_looks_busy():
     noisy = Latency("eager", 1, 1.0, 0.7, 1.6, 0.5, 140.0, 15, 10, 1)
     assert not steady.busy and noisy.busy
     assert "busy" in machine_note([noisy]) and "worst 90%" in machine_note([steady, noisy])
+
+
+def test_show_times_other_runtimes_on_request(tmp_path):
+    from grow.inspect import summarize_model
+    _, path = saved(tmp_path, "resnet")
+    info = summarize_model(str(path), batch_size=4, runtimes=["torchscript"])
+    assert list(info["other_runtimes"]) == ["torchscript"] and "for one image" in info["other_runtimes"]["torchscript"]
+    assert [(lat["runtime"], lat["batch"]) for lat in info["latency"]] == [
+        ("eager", 1), ("eager", 4), ("torchscript", 1), ("torchscript", 4)]
