@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -63,9 +64,20 @@ def run_grown(config: GrowConfig, out: Path) -> dict:
             "epochs": final["epochs"], "spec": final["spec"]}
 
 
+@functools.lru_cache(maxsize=2)
+def _load(dataset, data_dir, val_fraction, seed, train_subset, download):
+    return load_dataset(dataset, data_dir, val_fraction=val_fraction, seed=seed, train_subset=train_subset,
+                        download=download)
+
+
+def splits_of(config: GrowConfig):
+    """The splits every row of a seed trains on (read once per seed)."""
+    return _load(config.dataset, config.data_dir, config.val_fraction, config.seed, config.train_subset,
+                 config.download)
+
+
 def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int) -> dict:
-    splits = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
-                          train_subset=config.train_subset, download=config.download)
+    splits = splits_of(config)
     result = train_spec(spec, splits, epochs, recipe_of(config), seed=config.seed, batch_size=config.batch_size,
                         augment=config.augments(), include_val=True)
     macs = count_macs(spec)
@@ -96,8 +108,7 @@ def run_seed(config: GrowConfig, rows: list[str], out: Path) -> dict[str, dict]:
         spec = ArchSpec.from_dict(results["grown"]["spec"])
         results["grown-scratch"] = cached(seed_dir / "grown-scratch.json", lambda: run_fixed(spec, config, epochs))
         print(f"  seed {config.seed} grown-scratch: {results['grown-scratch']['test_accuracy']:.4f}", flush=True)
-    splits_info = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
-                               train_subset=config.train_subset, download=config.download).info
+    splits_info = splits_of(config).info
     norm = {"mean": list(splits_info.mean), "std": list(splits_info.std)}
     budget = Budget(config.budget_macs, config.budget_params)
     for label, shape in hand_shapes(config.space, splits_info.input_shape, splits_info.num_classes, norm).items():

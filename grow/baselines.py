@@ -22,24 +22,26 @@ HAND_SHAPES = {
 }
 
 
-def scale_to_budget(spec: ArchSpec, budget: Budget, *, max_factor: float = 64.0) -> ArchSpec:
-    """`spec` with every width times the largest factor whose MACs and parameters fit `budget`.
+def width_factor(spec: ArchSpec, budget: Budget, *, max_factor: float = 64.0) -> float:
+    """The largest factor by which every width of `spec` can be multiplied with its MACs and
+    parameters within `budget`.
 
     Widths are rounded per layer, so cost is a step function of the factor; it never decreases
     as the factor grows, which makes bisection on the factor exact up to its last step.
     """
     family = search_spaces.get(spec.family)
-
-    def fits(factor: float) -> bool:
-        return budget.fits(family.scale(spec, factor))
-
     lo, hi = 1e-3, max_factor
-    if not fits(lo):
+    if not budget.fits(family.scale(spec, lo)):
         raise ValueError(f"even the narrowest {spec.family} of this shape exceeds the budget")
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return family.scale(spec, lo)
+        lo, hi = (mid, hi) if budget.fits(family.scale(spec, mid)) else (lo, mid)
+    return lo
+
+
+def scale_to_budget(spec: ArchSpec, budget: Budget) -> ArchSpec:
+    """`spec` with every width times `width_factor(spec, budget)`: the widest uniform scaling that fits."""
+    return search_spaces.get(spec.family).scale(spec, width_factor(spec, budget))
 
 
 def hand_shapes(family_name: str, input_shape, num_classes: int,
@@ -53,3 +55,13 @@ def hand_shapes(family_name: str, input_shape, num_classes: int,
         else:
             shapes[label] = family.classic(member, input_shape, num_classes, normalization=normalization)
     return shapes
+
+
+def classic_seed(family_name: str, input_shape, num_classes: int, budget: Budget, fraction: float,
+                 normalization: Optional[dict] = None) -> ArchSpec:
+    """The family's classic member (the shape a practitioner would scale) narrowed to `fraction`
+    of the budget: a seed with the classic member's depth, whose widths growth then allocates."""
+    classic = hand_shapes(family_name, input_shape, num_classes, normalization)["classic"]
+    part = Budget(None if budget.macs is None else int(budget.macs * fraction),
+                  None if budget.params is None else int(budget.params * fraction))
+    return scale_to_budget(classic, part)

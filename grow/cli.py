@@ -56,6 +56,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget-params", type=_count, default=None, help="most parameters")
     g = p.add_argument_group("growth")
     g.add_argument("--space", default=d.space, help="network family: vgg, resnet or mobilenet (default %(default)s)")
+    g.add_argument("--seed-shape", choices=("small", "classic"), default=d.seed_shape,
+                   help="start from the family's small seed, or from its classic member (VGG-11, ResNet-20, "
+                        "MobileNetV2) narrowed to --seed-fraction of the budget (default %(default)s)")
+    g.add_argument("--seed-fraction", type=float, default=d.seed_fraction,
+                   help="share of the budget the classic-shaped seed costs (default %(default)s)")
     g.add_argument("--epochs-per-round", type=int, default=d.epochs_per_round)
     g.add_argument("--max-rounds", type=int, default=d.max_rounds)
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
@@ -181,6 +186,67 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_prune_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `prune`: the network, data, budget, the DessiLBI path, the ticket, the optimizer."""
+    from grow.pruning import PruneConfig
+    d = PruneConfig()
+    g = p.add_argument_group("network to prune (one of)")
+    g.add_argument("--from", dest="from_model", metavar="MODEL_JSON", help="a model.json or run folder (weights kept)")
+    g.add_argument("--space", help="or a family's classic member, freshly initialised: the family (vgg, resnet, "
+                                   "mobilenet) ...")
+    g.add_argument("--arch", help="... and the member (resnet20/32/56/110, vgg11/16, mobilenetv2)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset)
+    g.add_argument("--data-dir", default=None)
+    g.add_argument("--no-download", dest="download", action="store_false")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument("--train-subset", type=int, default=None)
+    g.add_argument("--augment", choices=("auto", "on", "off"), default="auto")
+    g = p.add_argument_group("budget (numbers take K/M/G suffixes)")
+    g.add_argument("--budget-flops", "--budget-macs", dest="budget_macs", type=_count, default=None,
+                   help="most multiply-accumulates per image (the 'FLOPs' of the literature)")
+    g.add_argument("--budget-params", type=_count, default=None, help="most parameters")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="DessiLBI epochs before the cut (default %(default)s)")
+    g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
+                   help="SGD epochs after the cut; with --ticket, the retraining (default %(default)s)")
+    g.add_argument("--path", type=float, default=d.path,
+                   help="how far Gamma's path advances over --epochs, lr*steps/mu (default %(default)s)")
+    g.add_argument("--rank", choices=("global", "layer"), default=d.rank,
+                   help="global: filters of all layers compete on when Gamma selected them; layer: every layer "
+                        "keeps the same share, its earliest-selected filters (default %(default)s)")
+    g.add_argument("--ticket", action="store_true", help="early-stopped winning ticket: retrain Gamma's support")
+    g.add_argument("--ticket-epoch", type=int, default=None,
+                   help="take the ticket after this epoch (default: the last whose support fits the budget)")
+    g.add_argument("--from-scratch", dest="rewind", action="store_false",
+                   help="retrain the ticket from fresh weights instead of rewinding to the initial ones")
+    g = p.add_argument_group("optimizer")
+    for flag, default in (("--lr", d.lr), ("--kappa", d.kappa), ("--momentum", d.momentum),
+                          ("--weight-decay", d.weight_decay)):
+        g.add_argument(flag, type=float, default=default)
+    g.add_argument("--mu", type=float, default=None, help="default: from --path")
+    g.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--out", default=d.out, help="run folder (default %(default)s)")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from grow.pruning import PruneConfig, prune_network
+    config = PruneConfig(**{k: v for k, v in vars(args).items() if k in PruneConfig.__dataclass_fields__})
+    reporter = _reporter(args)
+    try:
+        result = prune_network(config, reporter)
+    finally:
+        reporter.close()
+    if args.quiet:
+        print(f"test accuracy {result.test_accuracy:.4f} (unpruned {result.unpruned_test_accuracy:.4f}); "
+              f"model in {result.out / 'model.json'}")
+    return 0
+
+
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tuning")
     g.add_argument("--trials", type=int, default=20, help="trials this command adds to the study (default %(default)s)")
@@ -231,6 +297,9 @@ def build_parser(prog: str = "grow") -> argparse.ArgumentParser:
     p.add_argument("--params", metavar="BEST_JSON", default=None, help="take tuned parameters from tune's best.json")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run or a model (grow's files there are deleted first)")
+    p.add_argument("--from", dest="from_model", metavar="MODEL_JSON", default=None,
+                   help="continue growing this network (its weights warm-start the first round; its family "
+                        "replaces --space) instead of the family's seed")
     _add_output_flags(p)
     p.set_defaults(func=cmd_grow)
 
@@ -239,6 +308,11 @@ def build_parser(prog: str = "grow") -> argparse.ArgumentParser:
     add_tune_arguments(p)
     _add_output_flags(p)
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("prune", help="prune a network to a budget along the DessiLBI path, or take an early ticket")
+    add_prune_arguments(p)
+    _add_output_flags(p)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("show", help="per-layer table of a grown model, with measured latency")
     p.add_argument("model", help="model.json or its folder")

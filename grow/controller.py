@@ -25,6 +25,7 @@ from grow.errors import GrowError
 from grow.export import load_model, read_model_json, save_model, save_weights
 from grow.fileio import write_json
 from grow.optim import DessiLBI
+from grow.baselines import classic_seed
 from grow.recipe import Recipe, merged
 from grow.policy import Budget, lbi_param_groups, plan_growth, selection_ratios
 from grow.report import NullReporter, Reporter
@@ -75,6 +76,8 @@ class GrowConfig:
     widen_init: str = "split"
     label_smoothing: float = 0.1
     finetune_on_val: bool = True
+    seed_shape: str = "small"
+    seed_fraction: float = 0.15
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.1
@@ -124,6 +127,10 @@ class GrowConfig:
             raise GrowError(f"augment must be auto, on or off, got {self.augment!r}")
         if self.widen_init not in morph.WIDEN_INITS:
             raise GrowError(f"widen-init must be one of {', '.join(morph.WIDEN_INITS)}, got {self.widen_init!r}")
+        if self.seed_shape not in ("small", "classic"):
+            raise GrowError(f"seed-shape must be small or classic, got {self.seed_shape!r}")
+        if not 0 < self.seed_fraction < 1:
+            raise GrowError(f"seed-fraction must be between 0 and 1, got {self.seed_fraction}")
         if not 0 < self.tau <= 1:
             raise GrowError(f"tau must be in (0, 1], got {self.tau}")
         if self.precision not in PRECISIONS:
@@ -208,8 +215,12 @@ class _Run:
                                 f"{count_params(model.spec):,} parameters, above the budget; raise the budget")
             return model.to(self.device)
         family = search_spaces.get(self.config.space)
-        spec = family.seed(info.input_shape, info.num_classes,
-                           normalization={"mean": list(info.mean), "std": list(info.std)})
+        normalization = {"mean": list(info.mean), "std": list(info.std)}
+        if self.config.seed_shape == "classic" and (self.budget.macs or self.budget.params):
+            spec = classic_seed(self.config.space, info.input_shape, info.num_classes, self.budget,
+                                self.config.seed_fraction, normalization)
+        else:
+            spec = family.seed(info.input_shape, info.num_classes, normalization=normalization)
         torch.manual_seed(self.config.seed)
         model = build(spec)
         if not self.budget.fits(model):

@@ -1,0 +1,69 @@
+"""The suite's baselines: uniform scalings that fit the budget, and rows trained alike."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+import search_spaces
+from grow.baselines import HAND_SHAPES, classic_seed, hand_shapes, scale_to_budget, width_factor
+from grow.cost import count_macs, count_params
+from grow.policy import Budget
+from tests.helpers import ROOT, tiny_config
+
+
+@pytest.mark.parametrize("family", sorted(HAND_SHAPES))
+def test_scaled_shapes_fit_the_budget_and_are_the_widest_that_do(family):
+    budget = Budget(macs=3_000_000)
+    for label, shape in hand_shapes(family, (3, 32, 32), 10).items():
+        scaled = scale_to_budget(shape, budget)
+        macs = count_macs(scaled)
+        assert macs <= budget.macs, label
+        factor = width_factor(shape, budget)
+        scale = search_spaces.get(family).scale
+        # Any larger uniform scaling that changes a width costs more -- and then exceeds the budget.
+        for step in range(1, 60):
+            wider = scale(shape, factor * (1 + step / 200))
+            if count_macs(wider) > macs:
+                assert count_macs(wider) > budget.macs, (label, step)
+
+
+def test_a_parameter_budget_bounds_parameters():
+    shape = hand_shapes("vgg", (1, 28, 28), 10)["classic"]
+    assert count_params(scale_to_budget(shape, Budget(params=50_000))) <= 50_000
+
+
+def test_classic_seed_has_the_classic_depth_at_a_fraction_of_the_budget():
+    budget = Budget(macs=5_000_000)
+    seed = classic_seed("vgg", (3, 32, 32), 10, budget, 0.15)
+    classic = hand_shapes("vgg", (3, 32, 32), 10)["classic"]
+    assert [len(s) for s in seed.body["stages"]] == [len(s) for s in classic.body["stages"]]
+    assert count_macs(seed) <= 0.15 * budget.macs
+    assert count_macs(scale_to_budget(classic, budget)) > 5 * count_macs(seed)
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("suite", ROOT / "bench" / "suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_row_trains_the_same_epochs_on_the_same_data(tmp_path):
+    suite = _suite()
+    config = tiny_config(tmp_path / "grown", max_rounds=2, finetune_epochs=1, train_subset=600, val_fraction=0.03,
+                         budget_macs=600_000)
+    results = suite.run_seed(config, ["grown", "grown-scratch", "classic", "shallow"], tmp_path)
+    epochs = {name: r["epochs"] for name, r in results.items()}
+    assert set(epochs.values()) == {config.total_epochs()}, epochs
+    for name, r in results.items():
+        assert r["macs"] <= config.budget_macs, name
+        assert 0 <= r["test_accuracy"] <= 1
+    # The fixed rows see train + validation every epoch: the same images, so the same count.
+    fixed = {results[n]["train_macs"] / (3 * results[n]["macs"]) for n in ("grown-scratch", "classic", "shallow")}
+    assert len(fixed) == 1
+    # Results are cached: a second call reads them back instead of training again.
+    cached = json.loads((tmp_path / "seed-0" / "classic.json").read_text())
+    assert cached["test_accuracy"] == results["classic"]["test_accuracy"]
+    assert suite.run_seed(config, ["classic"], tmp_path)["classic"] == cached
