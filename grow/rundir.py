@@ -65,10 +65,15 @@ class RunLock:
 
 def results_in(folder: Path) -> list[str]:
     """Names in `folder` that look like a result someone would miss: a model, weights, a history."""
+    from grow.checkpoints import round_folders
+
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name in RESULT_NAMES or p.name in GROW_FILES[1:] or p.suffix.lower() in RESULT_SUFFIXES)
+    found = sorted(p.name for p in folder.iterdir()
+                   if p.name in RESULT_NAMES or p.name in GROW_FILES[1:] or p.suffix.lower() in RESULT_SUFFIXES)
+    if "checkpoints" in found and not round_folders(folder):  # only a round half written when the run died
+        found.remove("checkpoints")
+    return found
 
 
 def make_folder(folder: Path, *, resume: bool) -> None:
