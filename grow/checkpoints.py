@@ -192,7 +192,23 @@ def read_round(folder: Path, pointer: Optional[Pointer] = None) -> RoundState:
     history = _read_json(folder / "history.json")
     if not (isinstance(history, dict) and isinstance(history.get("rounds"), list)):
         raise Damaged(f"{folder / 'history.json'} is damaged (no list of rounds)")
+    _check_consistent(folder, history, *position)
     return RoundState(folder, spec, weights, optimizer, history, *position)
+
+
+def _check_consistent(folder: Path, history: dict, next_round: int, growth_done: bool, epoch: int) -> None:
+    """The position agrees with the folder's name and its history (a plausible but edited number would
+    otherwise resume from the wrong epoch or round)."""
+    rounds = history["rounds"]
+    try:
+        epochs = sum(len(r["epochs"]) for r in rounds)
+        stopped = bool(rounds) and "stop" in rounds[-1]
+    except (KeyError, TypeError):
+        raise Damaged(f"{folder / 'history.json'} is damaged (a round without its epochs)") from None
+    if (next_round != _number(folder) or len(rounds) != next_round - 1 or epoch != epochs
+            or growth_done != stopped):
+        raise Damaged(f"{folder} is inconsistent (round {next_round}, epoch {epoch}, growth done {growth_done}, "
+                      f"but its history holds {len(rounds)} rounds and {epochs} epochs)")
 
 
 def _read_json(path: Path) -> Any:

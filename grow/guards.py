@@ -38,12 +38,14 @@ def _is(value: Any, kind: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str) and value.strip() != ""
     return isinstance(value, kind) if isinstance(kind, type) else True
 
 
 def _type_name(kind: Any) -> str:
     return {type(None): "unset (null)", bool: "true or false", int: "a whole number", float: "a finite number",
-            str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+            str: "a non-empty string"}.get(kind, getattr(kind, "__name__", str(kind)))
 
 
 def check_budget(macs: Optional[int], params: Optional[int]) -> None:

@@ -237,4 +237,5 @@ class RichReporter(Reporter):
             soft_wrap=True)  # never break the line between "model:" and its path (scripts grep it)
 
     def close(self) -> None:
-        self.progress.stop()  # the terminal gets its cursor back however the run ended (a no-op when stopped)
+        if self.progress.live.is_started:  # the terminal gets its cursor back however the run ended
+            self.progress.stop()
