@@ -59,6 +59,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed-shape", choices=("small", "classic"), default=d.seed_shape,
                    help="start from the family's small seed, or from its classic member (VGG-11, ResNet-20, "
                         "MobileNetV2) narrowed to --seed-fraction of the budget (default %(default)s)")
+    g.add_argument("--order", choices=("ratio", "cost"), default=d.order,
+                   help="which asked-for growth steps go first: most saturated (ratio) or cheapest in MACs (cost)")
+    g.add_argument("--pace-rounds", type=int, default=d.pace_rounds,
+                   help="spread the budget evenly over rounds 1..N (0: spend it as soon as layers ask)")
     g.add_argument("--seed-fraction", type=float, default=d.seed_fraction,
                    help="share of the budget the classic-shaped seed costs (default %(default)s)")
     g.add_argument("--epochs-per-round", type=int, default=d.epochs_per_round)

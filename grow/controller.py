@@ -27,7 +27,7 @@ from grow.fileio import write_json
 from grow.optim import DessiLBI
 from grow.baselines import classic_seed
 from grow.recipe import Recipe, merged
-from grow.policy import Budget, lbi_param_groups, plan_growth, selection_ratios
+from grow.policy import ORDERS, Budget, lbi_param_groups, paced, plan_growth, selection_ratios
 from grow.report import NullReporter, Reporter
 from grow.spec import build
 from grow.train import PRECISIONS, Accelerated, Diverged, evaluate, grad_scaler, resolve_precision, train_epoch
@@ -78,6 +78,8 @@ class GrowConfig:
     finetune_on_val: bool = True
     seed_shape: str = "small"
     seed_fraction: float = 0.15
+    order: str = "ratio"
+    pace_rounds: int = 0
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.1
@@ -127,6 +129,10 @@ class GrowConfig:
             raise GrowError(f"augment must be auto, on or off, got {self.augment!r}")
         if self.widen_init not in morph.WIDEN_INITS:
             raise GrowError(f"widen-init must be one of {', '.join(morph.WIDEN_INITS)}, got {self.widen_init!r}")
+        if self.order not in ORDERS:
+            raise GrowError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.pace_rounds < 0:
+            raise GrowError(f"pace-rounds must be 0 (no pacing) or more, got {self.pace_rounds}")
         if self.seed_shape not in ("small", "classic"):
             raise GrowError(f"seed-shape must be small or classic, got {self.seed_shape!r}")
         if not 0 < self.seed_fraction < 1:
@@ -318,9 +324,10 @@ class _Run:
             round_record["stop"] = f"reached --max-rounds {c.max_rounds}"
         else:
             generator = torch.Generator().manual_seed(c.seed * 1000 + index)
+            budget = paced(self.budget, model, c.pace_rounds - index + 1) if c.pace_rounds else self.budget
             grown, actions, notes = plan_growth(
-                model.cpu(), ratios, self.budget, tau=c.tau, widen_ratio=c.widen_ratio,
-                widen_min=c.widen_min, generator=generator, widen_init=c.widen_init,
+                model.cpu(), ratios, budget, tau=c.tau, widen_ratio=c.widen_ratio,
+                widen_min=c.widen_min, generator=generator, widen_init=c.widen_init, order=c.order,
             )
             model.to(self.device)
             round_record["actions"] = [a.to_dict() for a in actions]

@@ -70,6 +70,16 @@ def stage_depth(model: nn.Module, stage: int) -> int:
     return family.stage_depth(model.spec, stage)
 
 
+def widened_spec(model: nn.Module, widths: dict[str, int]) -> ArchSpec:
+    """The spec `widen(model, widths)` would build, without building it (for costing a step)."""
+    return _family(model.spec).widen_spec(model.spec, widths)
+
+
+def deepened_spec(model: nn.Module, stage: int) -> ArchSpec:
+    """The spec `deepen(model, stage)` would build, without building it."""
+    return _family(model.spec).deepen_spec(model.spec, stage)
+
+
 WIDEN_INITS = ("split", "fresh")
 
 

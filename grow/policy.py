@@ -85,19 +85,52 @@ def widen_step(width: int, ratio: float, minimum: int) -> int:
 
 def _largest_fitting_widen(model, name, width, target, budget, generator, minimum, init):
     """Widest version of `name` in [width + minimum, target] that fits the budget, or None:
-    a step smaller than `minimum` filters is not worth a round of training."""
-    candidate = morph.widen(model, {name: target}, generator=generator, init=init)
-    if budget.fits(candidate):
-        return candidate, target
-    lo, hi, best = width + minimum, target - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        candidate = morph.widen(model, {name: mid}, generator=generator, init=init)
-        if budget.fits(candidate):
-            best, lo = (candidate, mid), mid + 1
+    a step smaller than `minimum` filters is not worth a round of training. Costs are read from
+    specs; only the chosen network is built."""
+    def fits(w: int) -> bool:
+        return budget.fits(morph.widened_spec(model, {name: w}))
+
+    best = target if fits(target) else None
+    lo, hi = width + minimum, target - 1
+    while best is None and lo <= hi:  # largest fitting width, by bisection on specs
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+            if lo == hi:
+                best = lo
         else:
             hi = mid - 1
-    return best if best is not None else (None, None)
+    if best is None:
+        return None, None
+    return morph.widen(model, {name: best}, generator=generator, init=init), best
+
+
+def paced(budget: Budget, model: nn.Module, rounds_left: int) -> Budget:
+    """The share of the remaining budget one round may spend when growth is spread evenly over
+    `rounds_left` more rounds: the final shape is then chosen with the evidence of every round,
+    not by the first two, taken while the network has barely learned (DESIGN.md, lessons)."""
+    if rounds_left <= 1:
+        return budget
+    spec = model.spec
+
+    def part(limit: Optional[int], now: int) -> Optional[int]:
+        return None if limit is None else now + max(0, limit - now) // rounds_left
+
+    return Budget(part(budget.macs, count_macs(spec)), part(budget.params, count_params(spec)))
+
+
+def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages):
+    """(kind, target, extra MACs of the full step) of every growth step the ratios ask for."""
+    macs = count_macs(model.spec)
+    steps = []
+    for unit in units:
+        if ratios[unit.name] >= tau:
+            target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
+            spec = morph.widened_spec(model, {unit.name: target})
+            steps.append(("widen", unit, target, count_macs(spec) - macs))
+    for stage in deepen_stages:
+        steps.append(("deepen", stage, None, count_macs(morph.deepened_spec(model, stage)) - macs))
+    return steps
 
 
 def plan_growth(
@@ -110,48 +143,77 @@ def plan_growth(
     widen_min: int,
     generator: Optional[torch.Generator] = None,
     widen_init: str = "fresh",
+    order: str = "ratio",
 ) -> tuple[nn.Module, list[Action], list[str]]:
-    """Grow `model` where it is saturated, most saturated first, as far as the budget allows.
+    """Grow `model` where it is saturated, as far as `budget` allows.
 
     Returns the grown model, the actions applied, and notes on saturated units that did not fit.
-    Widening is tried before deepening for each stage, since a wider layer costs less latency
-    than an extra one; a stage deepens when every unit in it is saturated (widening alone has
-    not relieved it). A widening that does not fit in full is shrunk to the widest step that does.
+    A stage deepens when every unit in it is saturated (widening alone has not relieved it).
+    order "ratio": widenings first, most saturated first, then deepenings (the first policy).
+    order "cost": every asked-for step, widening or deepening, cheapest in MACs first: a filter
+    at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
+    steps buys more filters for the same MACs. A widening that does not fit in full is shrunk
+    to the widest step that does.
     """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     units = morph.units(model)
-    saturated = sorted((u for u in units if ratios[u.name] >= tau), key=lambda u: -ratios[u.name])
     deepen_stages = [
         s for s in morph.deepenable(model)
         if all(ratios[u.name] >= tau for u in units if u.stage == s)
         and any(u.stage == s for u in units)
     ]
+    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages)
+    if order == "ratio":
+        steps.sort(key=lambda st: (st[0] == "deepen", -ratios[st[1].name] if st[0] == "widen" else 0))
+    else:
+        steps.sort(key=lambda st: st[3])
     actions: list[Action] = []
     skipped: list[str] = []
-    for unit in saturated:
-        target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
-        grown, width = _largest_fitting_widen(model, unit.name, unit.width, target, budget, generator,
-                                              min(widen_min, target - unit.width), widen_init)
-        if grown is None:
-            skipped.append(f"{unit.name}: widening by {widen_min} filters exceeds the budget")
-            continue
-        model = grown
-        actions.append(Action(
-            "widen", unit.name, unit.width, width, ratios[unit.name],
-            f"selection ratio {ratios[unit.name]:.2f} >= tau {tau:.2f}"
-            + ("" if width == target else f"; step cut from {target} to fit the budget"),
-            count_macs(model.spec), count_params(model.spec),
-        ))
-    for stage in deepen_stages:
-        depth = morph.stage_depth(model, stage)
-        grown = morph.deepen(model, stage)
-        if not budget.fits(grown):
-            skipped.append(f"stage {stage}: one more layer exceeds the budget")
-            continue
-        model = grown
-        stage_ratio = min(ratios[u.name] for u in units if u.stage == stage)
-        actions.append(Action(
-            "deepen", f"stage {stage}", depth, depth + 1, stage_ratio,
-            f"every unit of stage {stage} is saturated (min ratio {stage_ratio:.2f})",
-            count_macs(model.spec), count_params(model.spec),
-        ))
+    for kind, target_of, target, _ in steps:
+        if kind == "widen":
+            grown = _widen_step(model, target_of, target, ratios, budget, tau, widen_min, generator, widen_init)
+            if isinstance(grown, str):
+                skipped.append(grown)
+                continue
+            model, action = grown
+        else:
+            grown = _deepen_step(model, target_of, units, ratios, budget)
+            if isinstance(grown, str):
+                skipped.append(grown)
+                continue
+            model, action = grown
+        actions.append(action)
     return model, actions, skipped
+
+
+ORDERS = ("ratio", "cost")
+
+
+def _widen_step(model, unit, target, ratios, budget, tau, widen_min, generator, widen_init):
+    """(grown model, action) for widening `unit` towards `target`, or a note on why it did not fit."""
+    current = {u.name: u for u in morph.units(model)}[unit.name]
+    grown, width = _largest_fitting_widen(model, unit.name, current.width, target, budget, generator,
+                                          min(widen_min, target - current.width), widen_init)
+    if grown is None:
+        return f"{unit.name}: widening by {widen_min} filters exceeds the budget"
+    ratio = ratios[unit.name]
+    return grown, Action(
+        "widen", unit.name, current.width, width, ratio,
+        f"selection ratio {ratio:.2f} >= tau {tau:.2f}" + ("" if width == target else f"; step cut from {target} to fit the budget"),
+        count_macs(grown.spec), count_params(grown.spec),
+    )
+
+
+def _deepen_step(model, stage, units, ratios, budget):
+    """(grown model, action) for one more layer in `stage`, or a note on why it did not fit."""
+    depth = morph.stage_depth(model, stage)
+    if not budget.fits(morph.deepened_spec(model, stage)):
+        return f"stage {stage}: one more layer exceeds the budget"
+    grown = morph.deepen(model, stage)
+    stage_ratio = min(ratios[u.name] for u in units if u.stage == stage)
+    return grown, Action(
+        "deepen", f"stage {stage}", depth, depth + 1, stage_ratio,
+        f"every unit of stage {stage} is saturated (min ratio {stage_ratio:.2f})",
+        count_macs(grown.spec), count_params(grown.spec),
+    )

@@ -5,7 +5,7 @@ import torch
 import search_spaces
 from grow import morph
 from grow.cost import count_macs, count_params
-from grow.policy import Budget, plan_growth
+from grow.policy import Budget, paced, plan_growth
 from grow.spec import build
 
 
@@ -76,3 +76,38 @@ def test_fully_saturated_stage_deepens(model):
     assert [a.target for a in deepen] == [f"stage {stage}"]
     assert deepen[0].after == deepen[0].before + 1
     assert count_macs(grown.spec) > count_macs(model.spec)
+
+
+def test_cost_order_spends_a_tight_budget_on_the_cheapest_asked_for_step():
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    names = [u.name for u in morph.units(model)]
+    first, last = names[0], names[-1]
+    # The first (32x32) layer is the most saturated, the last (4x4) one barely saturated; room for one step.
+    ratios = {**ratios_for(model), first: 1.0, last: 0.95}
+    macs = count_macs(model.spec)
+    widen_first = count_macs(morph.widened_spec(model, {first: 12})) - macs   # 8 -> 12 at 32x32
+    widen_last = count_macs(morph.widened_spec(model, {last: 96})) - macs     # 64 -> 96 at 4x4
+    assert widen_last < widen_first
+    budget = Budget(macs=macs + widen_first)  # room for the expensive step alone
+    cheap_first = [a.target for a in plan(model, ratios, budget, order="cost")[1]]
+    by_ratio = [a.target for a in plan(model, ratios, budget, order="ratio")[1]]
+    assert by_ratio[0] == first
+    assert cheap_first[0] == last
+    # A low-resolution filter costs less: the cost order ends with more filters for the same budget.
+    grown_cost, _, _ = plan(model, ratios, budget, order="cost")
+    grown_ratio, _, _ = plan(model, ratios, budget, order="ratio")
+    assert count_macs(grown_cost.spec) <= budget.macs and count_macs(grown_ratio.spec) <= budget.macs
+    assert sum(u.width for u in morph.units(grown_cost)) > sum(u.width for u in morph.units(grown_ratio))
+
+
+def test_pacing_spreads_the_remaining_budget_over_the_rounds_left():
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    macs, params = count_macs(model.spec), count_params(model.spec)
+    budget = Budget(macs=macs + 4_000_000, params=params + 400_000)
+    assert paced(budget, model, 4) == Budget(macs + 1_000_000, params + 100_000)
+    assert paced(budget, model, 1) == budget
+    assert paced(Budget(macs=macs + 4_000_000), model, 2) == Budget(macs + 2_000_000, None)
+    # Every layer saturated: a paced round spends at most its share, an unpaced one nearly all.
+    ratios = ratios_for(model, saturated={u.name for u in morph.units(model)})
+    paced_grown, _, _ = plan(model, ratios, paced(budget, model, 4), order="cost")
+    assert macs < count_macs(paced_grown.spec) <= macs + 1_000_000
