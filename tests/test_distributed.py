@@ -125,22 +125,42 @@ def _batch():
     return torch.rand(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
 
 
-def _ddp_step(rank, world_size):
+def _ddp_step_then_drift(rank, world_size):
+    """One DDP step on this rank's half of the batch; then check_identical, before and after rank 1's
+    Gamma is nudged. (One group of processes for both checks: each start costs seconds.)"""
     net = _tiny_net()
     x, y = _batch()
     model = distributed.wrap(net, torch.device("cpu"))
     part = slice(64 * rank // world_size, 64 * (rank + 1) // world_size)
     nn.functional.cross_entropy(model(x[part]), y[part]).backward()
-    return {"grads": {n: p.grad for n, p in net.named_parameters()},
-            "buffers": {n: b.clone() for n, b in net.named_buffers()},
-            "bn_class": type(net[1]).__name__, "state_keys": sorted(net.state_dict())}
+    result = {"grads": {n: p.grad.clone() for n, p in net.named_parameters()},
+              "buffers": {n: b.clone() for n, b in net.named_buffers()},
+              "bn_class": type(net[1]).__name__, "state_keys": sorted(net.state_dict())}
+    from grow.optim import DessiLBI
+    net.spec = type("Spec", (), {"to_json": lambda self: "{}"})()
+    opt = DessiLBI(net.parameters(), lr=0.1, mu=1.0)
+    opt.step()
+    distributed.check_identical(net, opt, ["widen"], "round 1")  # equal everywhere: passes
+    if rank == 1:
+        opt.state[net[0].weight]["gamma"][0, 0, 0, 0] += 1e-3
+    try:
+        distributed.check_identical(net, opt, ["widen"], "round 2")
+        result["check"] = "passed"
+    except GrowError as err:
+        result["check"] = str(err)
+    return result
 
 
-def test_ddp_with_global_batchnorm_computes_the_one_process_gradient(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_ranks(_ddp_step_then_drift, tmp_path_factory.mktemp("group"))
+
+
+def test_ddp_with_global_batchnorm_computes_the_one_process_gradient(two_ranks):
     net = _tiny_net()
     x, y = _batch()
     nn.functional.cross_entropy(net(x), y).backward()
-    ranks = run_ranks(_ddp_step, tmp_path)
+    ranks = two_ranks
     for result in ranks:
         assert result["bn_class"] == "GlobalBatchNorm2d"
         assert result["state_keys"] == sorted(net.state_dict())
@@ -151,26 +171,8 @@ def test_ddp_with_global_batchnorm_computes_the_one_process_gradient(tmp_path):
     assert all(torch.equal(ranks[0]["grads"][n], ranks[1]["grads"][n]) for n in ranks[0]["grads"])
 
 
-def _drifted(rank, world_size):
-    from grow.optim import DessiLBI
-    net = _tiny_net()
-    net.spec = type("Spec", (), {"to_json": lambda self: "{}"})()
-    opt = DessiLBI(net.parameters(), lr=0.1, mu=1.0)
-    x, y = _batch()
-    nn.functional.cross_entropy(net(x), y).backward()
-    opt.step()
-    distributed.check_identical(net, opt, ["widen"], "round 1")  # equal everywhere: passes
-    if rank == 1:
-        opt.state[net[0].weight]["gamma"][0, 0, 0, 0] += 1e-3
-    try:
-        distributed.check_identical(net, opt, ["widen"], "round 2")
-    except GrowError as err:
-        return str(err)
-    return "passed"
-
-
-def test_check_identical_fails_on_every_rank_when_one_drifts(tmp_path):
-    messages = run_ranks(_drifted, tmp_path)
+def test_check_identical_fails_on_every_rank_when_one_drifts(two_ranks):
+    messages = [r["check"] for r in two_ranks]
     assert all("round 2: rank 1's weights or optimizer state (Z, Gamma, momentum) differ" in m for m in messages)
 
 
