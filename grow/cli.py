@@ -104,9 +104,9 @@ def config_from_args(args: argparse.Namespace, out: str):
 
 
 def _reporter(args):
-    from grow.report import JsonReporter, NullReporter, RichReporter
+    from grow.report import JsonReporter, QuietReporter, RichReporter
     if args.quiet:
-        return NullReporter()
+        return QuietReporter()
     return JsonReporter() if args.log_format == "json" else RichReporter()
 
 

@@ -47,12 +47,12 @@ def measure_macs(model: nn.Module, input_shape: Optional[Sequence[int]] = None) 
     return counter.get_total_flops() // 2
 
 
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmg]?)\s*$", re.IGNORECASE)
-_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)\s*$", re.IGNORECASE)
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
 def parse_count(text: str | int | float) -> int:
-    """'40M' -> 40000000; accepts plain numbers and K/M/G suffixes (base 1000)."""
+    """'40M' -> 40000000; accepts plain numbers and K/M/G/T suffixes (base 1000): '1e3M' is 1000M = 1G."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
     else:

@@ -8,7 +8,7 @@ from typing import Any, Optional, TextIO
 
 def human(n: float) -> str:
     """12345678 -> '12.3M' (K/M/G, base 1000, as budgets are written)."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:g}"
@@ -95,6 +95,15 @@ class Reporter:
 NullReporter = Reporter
 
 
+class QuietReporter(Reporter):
+    """`--quiet`: no progress, but a note that something was wrong (a damaged checkpoint skipped, too
+    little data) still reaches stderr."""
+
+    def message(self, text: str) -> None:
+        if text.startswith("note:"):
+            print(text, file=sys.stderr)
+
+
 class JsonReporter(Reporter):
     """One JSON object per line and event, for scripts and CI logs."""
 
@@ -155,7 +164,7 @@ class RichReporter(Reporter):
             f"{info.num_classes} classes, budget {budget}, device {device}, out {config.out}")
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(text, soft_wrap=True)  # one line, paths whole, whatever the width
 
     def round_start(self, index, max_rounds, spec, macs, params) -> None:
         self.round_macs = macs

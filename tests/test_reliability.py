@@ -361,6 +361,13 @@ def test_tiny_data_gets_a_note(capsys, tmp_path):
     assert any("only 30 training images" in t and "noise" in t for t in texts), texts
 
 
+def test_quiet_still_shows_notes(capsys, tmp_path):
+    assert main(["grow", *SMALL_FLAGS, "--train-subset", "30", "--max-rounds", "1", "--finetune-epochs", "0",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "only 30 training images" in captured.err and len(captured.out.splitlines()) == 1
+
+
 def test_secrets_in_urls_are_masked():
     line = "cannot open Optuna storage 'postgresql+psycopg://grow:s3cr@t!@db.example:5432/grow': refused"
     assert "s3cr" not in mask_secrets(line) and "grow:***@db.example:5432" in mask_secrets(line)
