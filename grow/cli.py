@@ -112,6 +112,8 @@ def _reporter(args):
 
 def cmd_grow(args: argparse.Namespace) -> int:
     from grow.controller import GrowConfig, grow_network
+    if args.resume and args.overwrite:
+        raise GrowError("--resume continues a run and --overwrite starts one again; give one of them")
     if args.resume:
         from grow.rundir import load_run_config
         config = load_run_config(Path(args.resume))

@@ -191,7 +191,7 @@ class _Run:
             config.dataset, config.data_dir, val_fraction=config.val_fraction,
             seed=config.seed, train_subset=config.train_subset, download=config.download,
         )
-        guards.check_splits(self.splits, reporter.message)
+        guards.check_splits(self.splits, reporter.message, config.batch_size)
         info = self.splits.info
         self.train_batches = Batches(self.splits.train, config.batch_size, info=info, train=True,
                                      device=self.device, seed=config.seed, augment=config.augments())

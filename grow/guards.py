@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 from grow.errors import GrowError
 
+MAX_SEED = 2**31  # seeds are combined with round and epoch numbers into 64-bit generator seeds
 # Fewer images than this per class train a network but measure nothing: accuracies and the growth
 # decisions taken on them are noise. Below it a run goes on with a note; with no images it stops.
 FEW_PER_CLASS = 20
@@ -27,6 +28,9 @@ def check_types(config: Any) -> None:
         if not any(_is(value, t) for t in allowed):
             names = " or ".join(_type_name(t) for t in allowed)
             raise GrowError(f"{field.name.replace('_', '-')} must be {names}, got {value!r}")
+    seed = getattr(config, "seed", 0)
+    if not 0 <= seed < MAX_SEED:
+        raise GrowError(f"seed must be between 0 and {MAX_SEED - 1}, got {seed}")
 
 
 def _is(value: Any, kind: Any) -> bool:
@@ -61,7 +65,7 @@ def check_budget(macs: Optional[int], params: Optional[int]) -> None:
                             f"check the number and its K/M/G suffix (base 1000: 1e3M = 1G)")
 
 
-def check_splits(splits: Any, note: Callable[[str], None]) -> None:
+def check_splits(splits: Any, note: Callable[[str], None], batch_size: Optional[int] = None) -> None:
     """Refuse data a classifier cannot learn or be measured on; `note` what only makes figures noisy."""
     info, train, val, test = splits.info, splits.train, splits.val, splits.test
     present = len(set(train.labels.tolist())) if len(train) else 0
@@ -76,3 +80,5 @@ def check_splits(splits: Any, note: Callable[[str], None]) -> None:
     if len(train) < FEW_PER_CLASS * info.num_classes or present < info.num_classes:
         note(f"note: only {len(train)} training images in {present} of {info.num_classes} classes and "
              f"{len(val)} validation images: accuracies and growth decisions will be noise")
+    if batch_size is not None and batch_size > len(train):
+        note(f"note: --batch-size {batch_size} is more than the {len(train)} training images: one step per epoch")

@@ -71,6 +71,8 @@ class TuneConfig:
             raise GrowError(f"--pruner must be median, hyperband or none, got {self.pruner}")
         if self.trials < 1 or self.workers < 1:
             raise GrowError("--trials and --workers must be at least 1")
+        if not 0 <= self.sampler_seed < 2**32 - self.workers:  # numpy's range; worker w seeds with seed + w
+            raise GrowError(f"--sampler-seed must be between 0 and {2**32 - 1 - self.workers}, got {self.sampler_seed}")
 
     @property
     def multi_objective(self) -> bool:

@@ -326,9 +326,11 @@ def test_params_with_values_of_the_wrong_type(capsys, tmp_path, content, fragmen
     (["--dataset", "imagenet"], "imagenet"), (["--device", "tpu"], "tpu"), (["--val-fraction", "1"], "validation"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "/nonexistent"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent", "--no-download"], "/nonexistent"),
+    (["--seed", "-1"], "seed"), (["--seed", "99999999999999999999"], "seed"), (["--out", ""], "out"),
+    (["--params", "/"], "Is a directory"), (["--overwrite", "--resume", "/nonexistent"], "give one of them"),
 ])
 def test_bad_flag_values(capsys, tmp_path, flags, fragment):
-    one_line_error(capsys, ["grow", *SMALL_FLAGS, *flags, "--out", str(tmp_path / "run")], fragment)
+    one_line_error(capsys, ["grow", *SMALL_FLAGS, "--out", str(tmp_path / "run"), *flags], fragment)
 
 
 def test_no_budget_and_absurd_budgets(capsys, tmp_path):
@@ -363,9 +365,15 @@ def test_tiny_data_gets_a_note(capsys, tmp_path):
 
 def test_quiet_still_shows_notes(capsys, tmp_path):
     assert main(["grow", *SMALL_FLAGS, "--train-subset", "30", "--max-rounds", "1", "--finetune-epochs", "0",
-                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
+                 "--batch-size", "64", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "only 30 training images" in captured.err and len(captured.out.splitlines()) == 1
+    assert "--batch-size 64 is more than the 30 training images" in captured.err
+
+
+def test_tune_sampler_seed_out_of_range(capsys, tmp_path):
+    one_line_error(capsys, ["tune", "--dataset", "synthetic", "--budget-flops", "1M", "--sampler-seed", "-3",
+                            "--out", str(tmp_path / "tune")], "--sampler-seed")
 
 
 def test_secrets_in_urls_are_masked():
