@@ -26,7 +26,8 @@ def test_missing_cifar_folder(tmp_path):
 
 
 def test_unknown_space(tmp_path):
-    proc = run_cli("grow", "--dataset", "synthetic", "--space", "transformer", "--out", str(tmp_path / "r"))
+    proc = run_cli("grow", "--dataset", "synthetic", "--budget-flops", "2M", "--space", "transformer",
+                   "--out", str(tmp_path / "r"))
     assert_one_line_error(proc, "transformer")
 
 
