@@ -13,6 +13,7 @@ from typing import Optional
 import search_spaces
 from grow.policy import Budget
 from grow.spec import ArchSpec
+from search_spaces.common import large
 
 # name -> (how the shape is made, why a practitioner would try it)
 HAND_SHAPES = {
@@ -20,6 +21,8 @@ HAND_SHAPES = {
     "resnet": {"shallow": "seed", "classic": "resnet20", "deep": "resnet32"},
     "mobilenet": {"shallow": "seed", "classic": "mobilenetv2"},
 }
+# From 128 pixels up (search_spaces.common.STRIDED_FROM) a practitioner takes the ImageNet members.
+LARGE_HAND_SHAPES = {**HAND_SHAPES, "resnet": {"shallow": "seed", "classic": "resnet18", "deep": "resnet34"}}
 
 
 def width_factor(spec: ArchSpec, budget: Budget, *, max_factor: float = 64.0) -> float:
@@ -46,10 +49,11 @@ def scale_to_budget(spec: ArchSpec, budget: Budget) -> ArchSpec:
 
 def hand_shapes(family_name: str, input_shape, num_classes: int,
                 normalization: Optional[dict] = None) -> dict[str, ArchSpec]:
-    """The fixed shapes of HAND_SHAPES for `family_name`, unscaled."""
+    """The fixed shapes of HAND_SHAPES (LARGE_HAND_SHAPES for large inputs) for `family_name`, unscaled."""
     family = search_spaces.get(family_name)
     shapes = {}
-    for label, member in HAND_SHAPES[family_name].items():
+    table = LARGE_HAND_SHAPES if large(input_shape) else HAND_SHAPES
+    for label, member in table[family_name].items():
         if member == "seed":
             shapes[label] = family.seed(input_shape, num_classes, normalization=normalization)
         else:

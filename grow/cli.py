@@ -42,7 +42,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     d = GrowConfig()
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
-                   help="cifar10, cifar100, fashion-mnist, mnist, svhn, imagefolder or synthetic (default %(default)s)")
+                   help="cifar10, cifar100, fashion-mnist, mnist, svhn, imagefolder, imagenet or synthetic "
+                        "(default %(default)s)")
     g.add_argument("--data-dir", default=None, help="where the dataset lives (downloaded there when missing)")
     g.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction,
@@ -50,6 +51,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-subset", type=int, default=None, help="train on the first N training images only")
     g.add_argument("--augment", choices=("auto", "on", "off"), default="auto",
                    help="random crops and flips where the dataset allows them; auto: on for runs of 15 epochs or more")
+    g.add_argument("--stream", dest="stream", action="store_const", const="on", default=d.stream,
+                   help="imagefolder/imagenet: decode the pictures from disk every epoch in DataLoader workers "
+                        "(default: only when decoded they would take more than a quarter of the free memory, "
+                        "or $GROW_STREAM_ABOVE bytes)")
+    g.add_argument("--no-stream", dest="stream", action="store_const", const="off",
+                   help="imagefolder/imagenet: hold the pictures in memory, however large")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="imagefolder/imagenet: crop (or resize) the pictures to this many pixels a side "
+                        "(default: imagenet 224, imagefolder the pictures' own size)")
+    g.add_argument("--data-workers", type=int, default=None,
+                   help="DataLoader worker processes decoding streamed pictures (default: from the CPU cores)")
     g = p.add_argument_group("budget (numbers take K/M/G suffixes)")
     g.add_argument("--budget-flops", "--budget-macs", dest="budget_macs", type=_count, default=None,
                    help="most multiply-accumulates per image in one forward pass (the 'FLOPs' of the literature)")

@@ -90,6 +90,9 @@ class GrowConfig:
     compile: bool = False  # torch.compile the network, again after every growth step
     channels_last: bool = True  # NHWC layout: 1.8x faster on CPU (bench/RESULTS.md), what tensor cores want
     from_model: Optional[str] = None  # a model.json whose network (and weights) replace the family seed
+    stream: str = "auto"  # folder datasets: stream from disk when too large for memory (grow.stream), on, off
+    image_size: Optional[int] = None  # imagefolder / imagenet pictures are cropped to this (imagenet: 224)
+    data_workers: Optional[int] = None  # DataLoader processes decoding streamed pictures; None: from the cores
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,6 +142,12 @@ class GrowConfig:
             raise GrowError(f"seed-fraction must be between 0 and 1, got {self.seed_fraction}")
         if not 0 < self.tau <= 1:
             raise GrowError(f"tau must be in (0, 1], got {self.tau}")
+        if self.stream not in ("auto", "on", "off"):
+            raise GrowError(f"stream must be auto, on or off, got {self.stream!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise GrowError(f"image-size must be positive, got {self.image_size}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise GrowError(f"data-workers must be 0 or more, got {self.data_workers}")
         if self.precision not in PRECISIONS:
             raise GrowError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.space not in search_spaces.names():
@@ -190,7 +199,10 @@ class _Run:
         self.splits: Splits = load_dataset(
             config.dataset, config.data_dir, val_fraction=config.val_fraction,
             seed=config.seed, train_subset=config.train_subset, download=config.download,
+            image_size=config.image_size, stream=config.stream, workers=config.data_workers,
         )
+        if self.splits.info.storage == "stream":
+            reporter.message(f"{self.splits.info.name}: {self.splits.info.storage_note}")
         guards.check_splits(self.splits, reporter.message, config.batch_size)
         info = self.splits.info
         self.train_batches = Batches(self.splits.train, config.batch_size, info=info, train=True,
@@ -398,7 +410,8 @@ def load_start_model(path: str, info) -> nn.Module:
 def _dataset_summary(splits: Splits) -> dict:
     info = splits.info
     return {"name": info.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
-            "train": len(splits.train.labels), "val": len(splits.val.labels), "test": len(splits.test.labels)}
+            "train": len(splits.train.labels), "val": len(splits.val.labels), "test": len(splits.test.labels),
+            "storage": info.storage, "storage_note": info.storage_note}
 
 
 def grow_network(config: GrowConfig, reporter: Optional[Reporter] = None, *, resume: bool = False,

@@ -46,6 +46,8 @@ class DatasetInfo:
     flip: bool
     crop_pad: int
     classes: list[str]
+    storage: str = "memory"  # or "stream": pictures decoded from disk every epoch (grow.stream)
+    storage_note: str = ""  # for folder datasets: why they are held in memory or streamed
 
 
 @dataclass
@@ -56,7 +58,8 @@ class Splits:
     info: DatasetInfo
 
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "synthetic", "imagefolder")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "synthetic", "imagefolder",
+                             "imagenet")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -68,24 +71,41 @@ def default_data_dir() -> Path:
 
 def load_dataset(name: str, data_dir: Optional[str] = None, *, val_fraction: float = 0.1, seed: int = 0,
                  train_subset: Optional[int] = None, download: bool = True,
-                 image_size: Optional[int | tuple[int, int]] = None) -> Splits:
+                 image_size: Optional[int | tuple[int, int]] = None, stream: str = "auto",
+                 stream_above: Optional[int] = None, workers: Optional[int] = None) -> Splits:
     """Read `name` into memory and split it: validation is carved from the training set by `seed`.
 
-    `image_size` (an int or (height, width)) resizes an imagefolder set; other datasets have a fixed size.
+    `image_size` (an int or (height, width)) sets the size of imagefolder and imagenet pictures
+    (imagenet: 224); other datasets have a fixed size. Folder datasets too large for memory are
+    streamed instead (grow.stream.plan: `stream` "auto", "on" or "off", `stream_above` bytes,
+    `workers` DataLoader processes): their splits are then FileSets, which Batches streams.
     """
+    from grow import stream as streaming
+
     readers = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "mnist": _mnist, "cifar10": _cifar10,
                "cifar100": _cifar100, "svhn": _svhn,
-               "imagefolder": lambda root, download, seed: _imagefolder(root, seed, _as_size(image_size))}
+               "imagefolder": lambda root, download, seed: _imagefolder(root, seed, _as_size(image_size)),
+               "imagenet": lambda root, download, seed: streaming.decoded_sets(plan)}  # plan: below
     if name not in readers:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"the validation fraction must be in [0, 1), got {val_fraction}")
     if train_subset is not None and train_subset < 1:
         raise DataError(f"--train-subset must be at least 1, got {train_subset}")
-    if image_size is not None and name != "imagefolder":
-        raise DataError(f"an image size applies to imagefolder only; {name} images have a fixed size")
+    folder = name in streaming.FOLDER_DATASETS
+    if image_size is not None and not folder:
+        raise DataError(f"an image size applies to imagefolder and imagenet only; {name} images have a fixed size")
+    if stream not in streaming.STREAM_MODES:
+        raise DataError(f"stream must be one of {', '.join(streaming.STREAM_MODES)}, got {stream!r}")
+    if stream == "on" and not folder:
+        raise DataError(f"streaming applies to imagefolder and imagenet; {name} is small enough for memory")
     root = Path(data_dir).expanduser() if data_dir else None
-    train, test, meta = readers[name](root, download, seed)
+    plan = streaming.plan(name, root, seed, _as_size(image_size), stream=stream, stream_above=stream_above,
+                          workers=workers) if folder else None
+    if plan and plan.streamed:
+        train, test, meta = streaming.streamed_sets(plan)
+    else:
+        train, test, meta = readers[name](root, download, seed)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(train) * val_fraction))
     if n_val >= len(train):
@@ -94,9 +114,12 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, val_fraction: flo
     val, train = train.subset(perm[:n_val]), train.subset(perm[n_val:])
     if train_subset is not None:
         train = train.subset(torch.arange(min(train_subset, len(train))))
-    mean, std = channel_stats(train.images)
-    info = DatasetInfo(name, tuple(train.images.shape[1:]), meta["num_classes"], mean, std, meta["flip"],
-                       meta["crop_pad"], meta["classes"])
+    if plan and plan.streamed:
+        (mean, std), shape = streaming.sample_stats(train, seed), (3, *plan.size)
+    else:
+        (mean, std), shape = channel_stats(train.images), tuple(train.images.shape[1:])
+    info = DatasetInfo(name, shape, meta["num_classes"], mean, std, meta["flip"], meta["crop_pad"], meta["classes"],
+                       "stream" if plan and plan.streamed else "memory", plan.note() if plan else "")
     return Splits(train, val, test, info)
 
 
@@ -330,6 +353,10 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 class Batches:
     """Iterates over a TensorSet in batches on `device`: yields (x float32 NCHW in [0, 1], y int64).
 
+    Given a FileSet (pictures on disk, see grow.stream) instead, the constructor returns a
+    grow.stream.StreamBatches, which has this interface and decodes the pictures in DataLoader
+    workers: every caller batches both kinds of data alike.
+
     Training batches are shuffled and augmented (random crop with reflect padding, horizontal flip
     where `info.flip`), deterministically for a given seed and epoch (`set_epoch`).
 
@@ -338,6 +365,13 @@ class Batches:
     same augmentation for the whole global batch and keeps its own contiguous slice of it, so N
     processes see together exactly the batches one process sees. `len()` counts global batches.
     """
+
+    def __new__(cls, data, *args, **kwargs):
+        if not isinstance(data, TensorSet):
+            from grow.stream import FileSet, StreamBatches
+            if isinstance(data, FileSet):
+                return StreamBatches(data, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, data: TensorSet, batch_size: int, *, info: DatasetInfo, train: bool,
                  device: str | torch.device = "cpu", seed: int = 0, augment: bool = True,

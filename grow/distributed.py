@@ -138,6 +138,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a choice that rests on one machine's state, such as its free
+    memory, must still be one choice); `value` itself when running alone."""
+    if not current().distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def peer_failure(err: BaseException) -> bool:
     """Whether `err` means another rank of the job went away (crashed, killed, timed out)."""
     if not current().distributed:

@@ -41,8 +41,12 @@ class Recipe:
         return optimizer, scheduler
 
 
-def merged(*sets: TensorSet) -> TensorSet:
-    """One TensorSet holding every image of `sets` (for training on train + validation)."""
+def merged(*sets):
+    """One set holding every image of `sets` (for training on train + validation): a TensorSet, or
+    for pictures streamed from disk a grow.stream.FileSet."""
+    if not isinstance(sets[0], TensorSet):
+        from grow.stream import FileSet
+        return FileSet.concat(sets)
     return TensorSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]))
 
 

@@ -53,6 +53,39 @@ def conv_row(name: str, cin: int, cout: int, kernel: int, stride: int, hw: tuple
     return row, (h, w)
 
 
+# Inputs at least this many pixels on their short side get the strided stem in the seeds (and the
+# ImageNet members): ImageNet-sized photos carry little per pixel, and a network that keeps full
+# resolution through its first layers spends most of its MACs there (resnet20 at 224x224: 2G MACs).
+STRIDED_FROM = 128
+# "plain": the first conv is a 3x3 at stride 1 (CIFAR networks). "strided": a 7x7 conv at stride 2,
+# then a 3x3 max-pool at stride 2, as in ResNet-18/50 on ImageNet: a quarter of the resolution.
+STEMS = ("plain", "strided")
+
+
+def stem_kind(body: dict) -> str:
+    """The stem a body asks for; bodies written before the key existed are plain."""
+    return body.get("stem", "plain")
+
+
+def check_stem(body: dict, family: str) -> None:
+    if stem_kind(body) not in STEMS:
+        raise SpecError(f"{family} body.stem must be one of {', '.join(map(repr, STEMS))}, got {body['stem']!r}")
+
+
+def large(input_shape) -> bool:
+    return min(input_shape[1:]) >= STRIDED_FROM
+
+
+def stem_layout(strided: bool) -> tuple[int, int]:
+    """(kernel, stride) of the first conv."""
+    return (7, 2) if strided else (3, 1)
+
+
+def stem_pool(x: torch.Tensor) -> torch.Tensor:
+    """The strided stem's 3x3 max-pool at stride 2 (output size as a 3x3 conv at stride 2)."""
+    return nn.functional.max_pool2d(x, 3, 2, 1)
+
+
 def linear_row(name: str, cin: int, cout: int) -> dict:
     return {"name": name, "kind": "linear", "in": cin, "out": cout, "kernel": "", "stride": "", "output": "",
             "macs": cin * cout, "params": cin * cout + cout}

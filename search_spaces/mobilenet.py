@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from grow.spec import ArchSpec, SpecError, check_keys
-from search_spaces.common import ConvBN, Normalize, check_width, conv_row, linear_row, scaled
+from search_spaces.common import ConvBN, Normalize, check_width, conv_row, large, linear_row, scaled
 
 NAME = "mobilenet"
 # (expansion t, width c, blocks n, stride s) of MobileNetV2 (Sandler et al. 2018)
@@ -56,11 +56,17 @@ def _copy(body: dict) -> dict:
 
 
 def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, width: Optional[int] = None) -> ArchSpec:
-    """Stem w, three stages of one block (widths w, 2w, 3w; expansion 2), a 1x1 head of 8w (w = 8)."""
+    """Stem w, three stages of one block (widths w, 2w, 3w; expansion 2), a 1x1 head of 8w (w = 8).
+    From 128 pixels up, MobileNetV2's total stride of 32: a stride-2 stem, every stage at stride 2
+    and a fourth stage of 4w (on 224x224 the blocks run at 56, 28, 14 and 7 pixels)."""
     w = width or 8
     stages = [{"width": w, "stride": 1, "blocks": [2 * w]}, {"width": 2 * w, "stride": 2, "blocks": [2 * w]},
               {"width": 3 * w, "stride": 2, "blocks": [4 * w]}]
     body = {"stem": w, "stem_stride": 1, "stages": stages, "head": 8 * w}
+    if large(input_shape):
+        stages[0]["stride"] = 2
+        stages.append({"width": 4 * w, "stride": 2, "blocks": [6 * w]})
+        body["stem_stride"] = 2
     return ArchSpec(NAME, tuple(input_shape), num_classes, body, normalization)
 
 

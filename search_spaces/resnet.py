@@ -1,9 +1,11 @@
-"""ResNet family, CIFAR style: a 3x3 stem, stages of basic blocks, global pooling, a classifier.
+"""ResNet family: a stem, stages of basic blocks, global pooling, a classifier.
 
-body: {"stages": [{"width": 16, "blocks": [16, 16, 16]}, ...]}: each stage has one output width
-shared by the stem (stage 0), its projection shortcut and every block's second conv (they add
-into one stream), and each block has its own inner width. Stages after the first start with a
-stride-2 block and a 1x1 projection shortcut. ResNet-20/32/56 are members.
+body: {"stages": [{"width": 16, "blocks": [16, 16, 16]}, ...], "stem": "plain"}: each stage has one
+output width shared by the stem (stage 0), its projection shortcut and every block's second conv
+(they add into one stream), and each block has its own inner width. Stages after the first start
+with a stride-2 block and a 1x1 projection shortcut. The stem is CIFAR's 3x3 conv ("plain") or
+ImageNet's 7x7 stride-2 conv and 3x3 stride-2 max-pool ("strided"). ResNet-20/32/56/110 (CIFAR)
+and ResNet-18/34 (basic blocks; strided stem from 128 pixels up) are members.
 """
 from __future__ import annotations
 
@@ -13,16 +15,21 @@ import torch
 from torch import nn
 
 from grow.spec import ArchSpec, SpecError, check_keys
-from search_spaces.common import ConvBN, Normalize, check_width, conv_row, linear_row, scaled
+from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, large, linear_row,
+                                  scaled, stem_kind, stem_layout, stem_pool)
 
 NAME = "resnet"
 CLASSIC_DEPTH = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
+# He et al. 2016, Table 1: blocks per stage of the basic-block ImageNet networks, widths 64..512.
+# (ResNet-50 and deeper use bottleneck blocks, which this family does not have.)
+IMAGENET_BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 
 
 def validate(body: dict) -> None:
     if not isinstance(body, dict):
         raise SpecError("resnet 'body' must be a JSON object {'stages': [...]}")
-    check_keys(body, {"stages"}, "resnet body")
+    check_keys(body, {"stages", "stem"}, "resnet body")
+    check_stem(body, "resnet")
     stages = body.get("stages")
     if not (isinstance(stages, list) and stages):
         raise SpecError("resnet 'body.stages' must be a non-empty list of {'width': w, 'blocks': [w, ...]}")
@@ -35,9 +42,10 @@ def validate(body: dict) -> None:
             check_width(w, f"resnet body.stages[{s}].blocks[{b}]")
 
 
-def _spec(spec_like, stages) -> ArchSpec:
-    return ArchSpec(NAME, tuple(spec_like.input_shape), spec_like.num_classes, {"stages": stages},
-                    spec_like.normalization)
+def _spec(spec: ArchSpec, stages) -> ArchSpec:
+    """`spec` with other stages (its stem kept)."""
+    return ArchSpec(NAME, tuple(spec.input_shape), spec.num_classes, {**spec.body, "stages": stages},
+                    spec.normalization)
 
 
 def _copy(spec: ArchSpec) -> list[dict]:
@@ -45,15 +53,27 @@ def _copy(spec: ArchSpec) -> list[dict]:
 
 
 def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, width: Optional[int] = None) -> ArchSpec:
-    """Three stages of one block each, widths w, 2w, 4w (w = 8)."""
+    """Three stages of one block each, widths w, 2w, 4w (w = 8). From 128 pixels up: the strided
+    stem and a fourth stage of 8w, so the stages run at ResNet-18's 56, 28, 14 and 7 pixels on
+    224x224 (24M MACs, most of them in the stem)."""
     w = width or 8
+    if large(input_shape):
+        stages = [{"width": k * w, "blocks": [k * w]} for k in (1, 2, 4, 8)]
+        return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": stages, "stem": "strided"}, normalization)
     stages = [{"width": k * w, "blocks": [k * w]} for k in (1, 2, 4)]
     return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": stages}, normalization)
 
 
 def classic(name: str, input_shape, num_classes: int, normalization: Optional[dict] = None) -> ArchSpec:
+    """ResNet-20/32/56/110 as on CIFAR (He et al. 2016, section 4.2); ResNet-18/34 as on ImageNet
+    (1.82G and 3.67G MACs on 3x224x224), with CIFAR's plain stem below 128 pixels."""
+    if name in IMAGENET_BLOCKS:
+        stages = [{"width": w, "blocks": [w] * n} for w, n in zip((64, 128, 256, 512), IMAGENET_BLOCKS[name])]
+        body = {"stages": stages, "stem": "strided"} if large(input_shape) else {"stages": stages}
+        return ArchSpec(NAME, tuple(input_shape), num_classes, body, normalization)
     if name not in CLASSIC_DEPTH:
-        raise SpecError(f"unknown resnet member {name!r}; known: {', '.join(CLASSIC_DEPTH)}")
+        raise SpecError(f"unknown resnet member {name!r}; known: {', '.join([*CLASSIC_DEPTH, *IMAGENET_BLOCKS])} "
+                        "(ResNet-50 and deeper use bottleneck blocks, which this family does not have)")
     n = CLASSIC_DEPTH[name]
     stages = [{"width": w, "blocks": [w] * n} for w in (16, 32, 64)]
     return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": stages}, normalization)
@@ -88,7 +108,8 @@ class ResNet(nn.Module):
         self.spec = spec
         stages = spec.body["stages"]
         self.normalize = Normalize(spec.normalization, spec.input_shape[0])
-        self.stem = ConvBN(spec.input_shape[0], stages[0]["width"])
+        self.strided = stem_kind(spec.body) == "strided"
+        self.stem = ConvBN(spec.input_shape[0], stages[0]["width"], *stem_layout(self.strided))
         self.stages = nn.ModuleList()
         c = stages[0]["width"]
         for s, stage in enumerate(stages):
@@ -102,6 +123,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(self.normalize(x))
+        if self.strided:
+            x = stem_pool(x)
         for blocks in self.stages:
             for block in blocks:
                 x = block(x)
@@ -115,7 +138,10 @@ def build(spec: ArchSpec) -> nn.Module:
 def layers(spec: ArchSpec) -> list[dict]:
     stages = spec.body["stages"]
     hw = tuple(spec.input_shape[1:])
-    row, hw = conv_row("stem.conv", spec.input_shape[0], stages[0]["width"], 3, 1, hw)
+    strided = stem_kind(spec.body) == "strided"
+    row, hw = conv_row("stem.conv", spec.input_shape[0], stages[0]["width"], *stem_layout(strided), hw)
+    if strided:  # the max-pool
+        hw = (conv_out(hw[0], 3, 2), conv_out(hw[1], 3, 2))
     rows, c = [row], stages[0]["width"]
     for s, stage in enumerate(stages):
         for b, inner in enumerate(stage["blocks"]):

@@ -1,8 +1,10 @@
 """VGG family: 3x3 conv + BatchNorm + ReLU layers in stages separated by 2x2 max-pooling.
 
-body: {"stages": [[w, w, ...], ...]}: every conv has its own width. Global average pooling and
-one linear classifier end the network. A stage is pooled after only while the image is at least
-2 pixels on a side, so the family works from 28x28 digits to 224x224 photos.
+body: {"stages": [[w, w, ...], ...], "stem": "plain"}: every conv has its own width. Global average
+pooling and one linear classifier end the network. A stage is pooled after only while the image is
+at least 2 pixels on a side, so the family works from 28x28 digits to 224x224 photos. With "stem":
+"strided" (the seed's choice from 128 pixels up) the first conv is a 7x7 at stride 2 followed by a
+3x3 max-pool at stride 2, as ResNet's ImageNet stem; VGG-11/16 keep VGG's own 3x3 first layer.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 from torch import nn
 
 from grow.spec import ArchSpec, SpecError, check_keys
-from search_spaces.common import ConvBN, Normalize, check_width, conv_row, identity_bn_, identity_conv_, linear_row, scaled
+from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, identity_bn_, identity_conv_,
+                                  large, linear_row, scaled, stem_kind, stem_layout, stem_pool)
 
 NAME = "vgg"
 CLASSIC = {
@@ -24,7 +27,8 @@ CLASSIC = {
 def validate(body: dict) -> None:
     if not isinstance(body, dict):
         raise SpecError("vgg 'body' must be a JSON object {'stages': [[widths], ...]}")
-    check_keys(body, {"stages"}, "vgg body")
+    check_keys(body, {"stages", "stem"}, "vgg body")
+    check_stem(body, "vgg")
     stages = body.get("stages")
     if not (isinstance(stages, list) and stages and all(isinstance(s, list) and s for s in stages)):
         raise SpecError("vgg 'body.stages' must be a non-empty list of non-empty lists of widths")
@@ -36,13 +40,18 @@ def validate(body: dict) -> None:
 def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, width: Optional[int] = None) -> ArchSpec:
     """One conv per stage, widths w, 2w, 4w, 8w (w = 8), with as many stages (up to four) as
     halvings leave the image at least 3 pixels wide: about 0.7M MACs on 28x28 or 32x32.
-    The low-resolution stages are cheap per filter, so growth has room to add capacity there."""
+    The low-resolution stages are cheap per filter, so growth has room to add capacity there.
+    From 128 pixels up the first conv is the strided stem (17.5M MACs on 224x224 instead of 54M,
+    its four stages at 56, 28, 14 and 7 pixels as ResNet-18's)."""
     w = width or 8
-    size, stages = min(input_shape[1:]), 1
+    strided = large(input_shape)
+    size, stages = min(input_shape[1:]) // (4 if strided else 1), 1
     while stages < 4 and size // 2 >= 3:
         size, stages = size // 2, stages + 1
-    return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": [[w * 2**k] for k in range(stages)]},
-                    normalization)
+    body = {"stages": [[w * 2**k] for k in range(stages)]}
+    if strided:
+        body["stem"] = "strided"
+    return ArchSpec(NAME, tuple(input_shape), num_classes, body, normalization)
 
 
 def classic(name: str, input_shape, num_classes: int, normalization: Optional[dict] = None) -> ArchSpec:
@@ -51,14 +60,28 @@ def classic(name: str, input_shape, num_classes: int, normalization: Optional[di
     return ArchSpec(NAME, tuple(input_shape), num_classes, {"stages": [list(s) for s in CLASSIC[name]]}, normalization)
 
 
+def _with_stages(spec: ArchSpec, stages: list[list[int]]) -> ArchSpec:
+    """`spec` with other stages (the stem, and any other key of the body, kept)."""
+    return ArchSpec(spec.family, spec.input_shape, spec.num_classes, {**spec.body, "stages": stages},
+                    spec.normalization)
+
+
 def scale(spec: ArchSpec, factor: float) -> ArchSpec:
-    body = {"stages": [[scaled(w, factor) for w in s] for s in spec.body["stages"]]}
-    return ArchSpec(spec.family, spec.input_shape, spec.num_classes, body, spec.normalization)
+    return _with_stages(spec, [[scaled(w, factor) for w in s] for s in spec.body["stages"]])
+
+
+def _strided(spec: ArchSpec) -> bool:
+    return stem_kind(spec.body) == "strided"
+
+
+def _after_stem(hw: tuple[int, int]) -> tuple[int, int]:
+    """Size after the strided stem's conv and max-pool (both 'same'-padded, stride 2)."""
+    return tuple(conv_out(conv_out(x, 7, 2), 3, 2) for x in hw)  # type: ignore[return-value]
 
 
 def _pools(spec: ArchSpec) -> list[bool]:
     """Whether each stage is followed by 2x2 max-pooling."""
-    h, w = spec.input_shape[1:]
+    h, w = _after_stem(spec.input_shape[1:]) if _strided(spec) else spec.input_shape[1:]
     pools = []
     for s in range(len(spec.body["stages"])):
         pool = s < len(spec.body["stages"]) - 1 and min(h, w) >= 2
@@ -75,10 +98,12 @@ class VGG(nn.Module):
         c = spec.input_shape[0]
         self.normalize = Normalize(spec.normalization, c)
         self.stages = nn.ModuleList()
-        for widths in spec.body["stages"]:
+        self.strided = _strided(spec)
+        for s, widths in enumerate(spec.body["stages"]):
             layers = nn.ModuleList()
-            for w in widths:
-                layers.append(ConvBN(c, w))
+            for i, w in enumerate(widths):
+                kernel, stride = stem_layout(self.strided and s == i == 0)
+                layers.append(ConvBN(c, w, kernel, stride))
                 c = w
             self.stages.append(layers)
         self.pools = _pools(spec)
@@ -86,9 +111,11 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
-        for layers, pool in zip(self.stages, self.pools):
-            for layer in layers:
+        for s, (layers, pool) in enumerate(zip(self.stages, self.pools)):
+            for i, layer in enumerate(layers):
                 x = layer(x)
+                if self.strided and s == i == 0:
+                    x = stem_pool(x)
             if pool:
                 x = nn.functional.max_pool2d(x, 2)
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
@@ -103,9 +130,12 @@ def layers(spec: ArchSpec) -> list[dict]:
     rows = []
     for s, (widths, pool) in enumerate(zip(spec.body["stages"], _pools(spec))):
         for i, w in enumerate(widths):
-            row, hw = conv_row(f"stages.{s}.{i}.conv", c, w, 3, 1, hw)
+            stem = _strided(spec) and s == i == 0
+            row, hw = conv_row(f"stages.{s}.{i}.conv", c, w, *stem_layout(stem), hw)
             rows.append(row)
             c = w
+            if stem:
+                hw = (conv_out(hw[0], 3, 2), conv_out(hw[1], 3, 2))
         if pool:
             hw = (hw[0] // 2, hw[1] // 2)
     rows.append(linear_row("classifier", c, spec.num_classes))
@@ -119,11 +149,11 @@ def units(spec: ArchSpec) -> list[tuple]:
 
 
 def widen_spec(spec: ArchSpec, widths: dict[str, int]) -> ArchSpec:
-    body = {"stages": [list(s) for s in spec.body["stages"]]}
+    stages = [list(s) for s in spec.body["stages"]]
     for name, width in widths.items():
         _, s, i, _ = name.split(".")
-        body["stages"][int(s)][int(i)] = width
-    return ArchSpec(spec.family, spec.input_shape, spec.num_classes, body, spec.normalization)
+        stages[int(s)][int(i)] = width
+    return _with_stages(spec, stages)
 
 
 def deepenable(spec: ArchSpec) -> list[int]:
@@ -135,9 +165,9 @@ def stage_depth(spec: ArchSpec, stage: int) -> int:
 
 
 def deepen_spec(spec: ArchSpec, stage: int) -> ArchSpec:
-    body = {"stages": [list(s) for s in spec.body["stages"]]}
-    body["stages"][stage].append(body["stages"][stage][-1])
-    return ArchSpec(spec.family, spec.input_shape, spec.num_classes, body, spec.normalization)
+    stages = [list(s) for s in spec.body["stages"]]
+    stages[stage].append(stages[stage][-1])
+    return _with_stages(spec, stages)
 
 
 def init_new_layer(model: nn.Module, stage: int) -> None:
