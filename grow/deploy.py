@@ -141,7 +141,8 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, out: Option
     model, record = _cpu_model(model_or_path)
     target = _target(out, record, format)
     batch = None if dynamic_batch else (batch or 1)
-    images, skipped = real_images(dataset or record.get("metrics", {}).get("dataset"), data_dir, model)
+    metrics = record.get("metrics") or {}
+    images, skipped = real_images(dataset or metrics.get("dataset"), data_dir, model, storage=metrics.get("storage"))
     with _staged(target) as staged:
         method = _export(model, format, staged, batch)
         verification = verify_export(staged, model, format=format, batch=batch, images=images, tolerance=tolerance)
@@ -321,20 +322,26 @@ def _compare(forward, model, x: torch.Tensor, batch: Optional[int]) -> tuple[flo
     return max_abs, max_abs / max(max_ref, 1e-12), agree, count
 
 
-def real_images(dataset: Optional[str], data_dir: Optional[str], model: nn.Module,
-                count: int = 64) -> tuple[Optional[torch.Tensor], Optional[str]]:
-    """Up to `count` test images of `dataset` as [0, 1] floats, or None and why not (never downloads)."""
-    from grow.data import DataError, load_dataset
+def real_images(dataset: Optional[str], data_dir: Optional[str], model: nn.Module, count: int = 64,
+                storage: Optional[str] = None) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """Up to `count` test images of `dataset` as [0, 1] floats, or None and why not (never downloads).
+    `storage`: how the model's run read a folder dataset (model.json's metrics.storage)."""
+    from grow.data import Batches, DataError, load_dataset
+    from grow.stream import read_like_training
 
     if not dataset:
         return None, "no dataset named (model.json has no metrics.dataset)"
     try:
-        splits = load_dataset(dataset, data_dir, download=False, val_fraction=0.0)
+        splits = load_dataset(dataset, data_dir, download=False, val_fraction=0.0,
+                              **read_like_training(dataset, model.spec, storage))
     except DataError as err:
         return None, str(err)
     if tuple(splits.info.input_shape) != tuple(model.spec.input_shape):
         return None, f"{dataset} images are {tuple(splits.info.input_shape)}, the model takes {model.spec.input_shape}"
-    return splits.test.images[:count].float() / 255, None
+    if not len(splits.test):
+        return None, f"{dataset} has no test images"
+    first = splits.test.subset(torch.arange(min(count, len(splits.test))))  # in memory, or pictures on disk
+    return next(iter(Batches(first, count, info=splits.info, train=False)))[0], None
 
 
 @contextlib.contextmanager

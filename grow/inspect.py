@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from grow.cost import count_macs, count_params, layer_costs
-from grow.export import load_model
+from grow.export import load_model, read_model_json
 
 
 def summarize_model(path: str, batch_size: int = 64, runtimes: Sequence[str] = ()) -> dict:
@@ -61,11 +61,13 @@ def evaluate_model(path: str, dataset: str, data_dir: Optional[str] = None, *, d
     from grow.controller import resolve_device
     from grow.data import Batches, load_dataset
     from grow.errors import GrowError
+    from grow.stream import read_like_training
     from grow.train import evaluate
 
     dev = resolve_device(device)
     model = load_model(path, map_location=dev)
-    splits = load_dataset(dataset, data_dir, download=download)
+    storage = (read_model_json(path).get("metrics") or {}).get("storage")
+    splits = load_dataset(dataset, data_dir, download=download, **read_like_training(dataset, model.spec, storage))
     if tuple(splits.info.input_shape) != tuple(model.spec.input_shape) or splits.info.num_classes != model.spec.num_classes:
         raise GrowError(
             f"the model takes {tuple(model.spec.input_shape)} images in {model.spec.num_classes} classes, "

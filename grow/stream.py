@@ -75,6 +75,16 @@ def file_set(samples: list[tuple[str, int]], size: tuple[int, int] = (IMAGENET_S
     return FileSet(paths, torch.tensor([c for _, c in samples], dtype=torch.int64), size, workers)
 
 
+def read_like_training(dataset: str, spec, storage: Optional[str]) -> dict:
+    """grow.data.load_dataset arguments that read a folder dataset as a model's training run did:
+    pictures at the size the model takes, decoded the same way (streamed pictures are resized and
+    centre-cropped, in-memory ones resized whole), as model.json's metrics.storage says. {} for
+    datasets whose size and reading are fixed."""
+    if dataset not in FOLDER_DATASETS:
+        return {}
+    return {"image_size": tuple(spec.input_shape[1:]), "stream": {"stream": "on", "memory": "off"}.get(storage, "auto")}
+
+
 def default_workers() -> int:
     """DataLoader workers per process: this process's cores shared by the processes of this node
     (torchrun's LOCAL_WORLD_SIZE), one left for the training loop itself, at most 8."""
