@@ -20,14 +20,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from grow import distributed
-from grow.data import DataError, TensorSet, channel_stats, shard
+from grow.data import DataError, DatasetInfo, TensorSet, channel_stats, shard
+
+if TYPE_CHECKING:
+    from grow.spec import ArchSpec
 
 FOLDER_DATASETS = ("imagefolder", "imagenet")
 STREAM_MODES = ("auto", "on", "off")
@@ -75,7 +78,7 @@ def file_set(samples: list[tuple[str, int]], size: tuple[int, int] = (IMAGENET_S
     return FileSet(paths, torch.tensor([c for _, c in samples], dtype=torch.int64), size, workers)
 
 
-def read_like_training(dataset: str, spec, storage: Optional[str]) -> dict:
+def read_like_training(dataset: str, spec: "ArchSpec", storage: Optional[str]) -> dict:
     """grow.data.load_dataset arguments that read a folder dataset as a model's training run did:
     pictures at the size the model takes, decoded the same way (streamed pictures are resized and
     centre-cropped, in-memory ones resized whole), as model.json's metrics.storage says. {} for
@@ -350,9 +353,9 @@ class StreamBatches:
     rank decodes only its own slice of it; len() counts global batches.
     """
 
-    def __init__(self, data: FileSet, batch_size: int, *, info, train: bool, device: str | torch.device = "cpu",
-                 seed: int = 0, augment: bool = True, drop_last: Optional[bool] = None, rank: Optional[int] = None,
-                 world_size: Optional[int] = None):
+    def __init__(self, data: FileSet, batch_size: int, *, info: Optional[DatasetInfo], train: bool,
+                 device: str | torch.device = "cpu", seed: int = 0, augment: bool = True,
+                 drop_last: Optional[bool] = None, rank: Optional[int] = None, world_size: Optional[int] = None):
         if batch_size < 1:
             raise ValueError(f"the batch size must be at least 1, got {batch_size}")
         job = distributed.current() if train else distributed.SINGLE

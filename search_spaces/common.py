@@ -73,6 +73,7 @@ def check_stem(body: dict, family: str) -> None:
 
 
 def large(input_shape) -> bool:
+    """Whether an input (C, H, W) is large enough for the strided stem (STRIDED_FROM)."""
     return min(input_shape[1:]) >= STRIDED_FROM
 
 

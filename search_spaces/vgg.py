@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from grow.spec import ArchSpec, SpecError, check_keys
-from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, identity_bn_, identity_conv_,
-                                  large, linear_row, scaled, stem_kind, stem_layout, stem_pool)
+from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, identity_bn_,
+                                  identity_conv_, large, linear_row, scaled, stem_kind, stem_layout, stem_pool)
 
 NAME = "vgg"
 CLASSIC = {
