@@ -158,7 +158,7 @@ class RichReporter(Reporter):
     def start(self, config, info, device) -> None:
         budget = ", ".join(b for b in (
             config.budget_macs and f"{human(config.budget_macs)} MACs",
-            config.budget_params and f"{human(config.budget_params)} params") if b) or "no budget"
+            config.budget_params and f"{human(config.budget_params)} params") if b) or "none"
         self.console.print(
             f"[bold]grow[/] {config.space} on {info.name} {tuple(info.input_shape)} "
             f"{info.num_classes} classes, budget {budget}, device {device}, out {config.out}")
