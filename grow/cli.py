@@ -88,7 +88,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "with zero outgoing weights (fresh); default %(default)s")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")
+    g.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
+                   help="peak lr of the fine-tune's one-cycle schedule (default %(default)s)")
     g.add_argument("--kappa", type=float, default=d.kappa)
     g.add_argument("--mu", type=float, default=None, help="default: chosen from the round length (see --path-per-round)")
     g.add_argument("--path-per-round", type=float, default=d.path_per_round,
@@ -243,7 +244,7 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
                           ("--weight-decay", d.weight_decay)):
         g.add_argument(flag, type=float, default=default)
     g.add_argument("--mu", type=float, default=None, help="default: from --path")
-    g.add_argument("--finetune-lr", type=float, default=None, help="default: --lr")
+    g.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="default: --lr")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
