@@ -185,6 +185,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default %(default)s)")
+    parser.add_argument("--only-seed", type=int, default=None,
+                        help="run this one seed (to spread a suite over processes; the cache joins them)")
     parser.add_argument("--rows", default=",".join(ORDER), help="rows to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="a few minutes: 1-epoch rounds, 3000 images, 1 seed")
     parser.add_argument("--out", default=None, help="folder for results (default bench/out/<scenario>)")
@@ -206,10 +208,11 @@ def main() -> None:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     print(f"suite {scenario}: {base.total_epochs()} epochs per network, seeds 0..{args.seeds - 1}, out {out}",
           flush=True)
-    per_seed = {s: run_seed(dataclasses.replace(base, seed=s), rows, out) for s in range(args.seeds)}
+    seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
+    per_seed = {s: run_seed(dataclasses.replace(base, seed=s), rows, out) for s in seeds}
     summary = summarise(per_seed)
     title = (f"{args.dataset}, {args.space}, budget {budget} MACs, {base.total_epochs()} epochs, "
-             f"{args.seeds} seed(s)")
+             f"{len(per_seed)} seed(s)")
     table = markdown(summary, title)
     print("\n" + table)
     write_json(out / "suite.json", {"scenario": scenario, "config": base.to_dict(), "rows": summary,

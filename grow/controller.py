@@ -45,6 +45,7 @@ class GrowConfig:
       suite (bench/RESULTS.md). Z's speed, lr/mu, is set by the path speed and does not change.
     - finetune_lr 0.1, momentum 0.9, weight_decay 5e-4, batch 128: the usual CIFAR SGD recipe.
     - order "cost": asked-for growth steps cheapest in MACs first (grow.policy.plan_growth).
+    - deepen "after-widen": a stage deepens only once its layers were widened and saturate again.
     - mu None: chosen from the round length so that Gamma's path advances the same
       `path_per_round` in every round, whatever the dataset size (see DESIGN.md: the time at
       which filters switch on scales with mu/lr and the number of steps, not with epochs).
@@ -84,6 +85,7 @@ class GrowConfig:
     seed_shape: str = "small"
     seed_fraction: float = 0.15
     order: str = "cost"
+    deepen: str = "after-widen"
     pace_rounds: int = 0
     seed: int = 0
     device: str = "auto"
@@ -139,6 +141,8 @@ class GrowConfig:
             raise GrowError(f"widen-init must be one of {', '.join(morph.WIDEN_INITS)}, got {self.widen_init!r}")
         if self.order not in ORDERS:
             raise GrowError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.deepen not in ("after-widen", "with-widen"):
+            raise GrowError(f"deepen must be after-widen or with-widen, got {self.deepen!r}")
         if self.pace_rounds < 0:
             raise GrowError(f"pace-rounds must be 0 (no pacing) or more, got {self.pace_rounds}")
         if self.seed_shape not in ("small", "classic"):
@@ -345,6 +349,7 @@ class _Run:
             grown, actions, notes = plan_growth(
                 model.cpu(), ratios, budget, tau=c.tau, widen_ratio=c.widen_ratio,
                 widen_min=c.widen_min, generator=generator, widen_init=c.widen_init, order=c.order,
+                widened=self.widened_units() if c.deepen == "after-widen" else None,
             )
             model.to(self.device)
             round_record["actions"] = [a.to_dict() for a in actions]
@@ -369,6 +374,10 @@ class _Run:
         self.history["rounds"].append(round_record)
         self.reporter.round_end(round_record, units)
         return model, optimizer, done
+
+    def widened_units(self) -> set[str]:
+        """Units widened in the finished rounds (the deepening rule asks for them)."""
+        return {a["target"] for r in self.history["rounds"] for a in r["actions"] if a["kind"] == "widen"}
 
     def finetune_epochs(self) -> int:
         """--finetune-epochs plus the round epochs growth did not use: a run always trains

@@ -144,11 +144,16 @@ def plan_growth(
     generator: Optional[torch.Generator] = None,
     widen_init: str = "fresh",
     order: str = "ratio",
+    widened: Optional[set[str]] = None,
 ) -> tuple[nn.Module, list[Action], list[str]]:
     """Grow `model` where it is saturated, as far as `budget` allows.
 
     Returns the grown model, the actions applied, and notes on saturated units that did not fit.
-    A stage deepens when every unit in it is saturated (widening alone has not relieved it).
+    A stage deepens when every unit in it is saturated; with `widened` (the units widened in earlier
+    rounds) only once every unit of the stage has been widened before and is saturated again:
+    widening alone has not relieved it. Depth at high resolution is the most expensive capacity
+    there is, and on the CIFAR-10 pictures a stage deepened at the first saturation cost a point
+    against the same budget spent on width (bench/RESULTS.md).
     order "ratio": widenings first, most saturated first, then deepenings (the first policy).
     order "cost": every asked-for step, widening or deepening, cheapest in MACs first: a filter
     at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
@@ -160,7 +165,7 @@ def plan_growth(
     units = morph.units(model)
     deepen_stages = [
         s for s in morph.deepenable(model)
-        if all(ratios[u.name] >= tau for u in units if u.stage == s)
+        if all(ratios[u.name] >= tau and (widened is None or u.name in widened) for u in units if u.stage == s)
         and any(u.stage == s for u in units)
     ]
     steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages)

@@ -111,3 +111,15 @@ def test_pacing_spreads_the_remaining_budget_over_the_rounds_left():
     ratios = ratios_for(model, saturated={u.name for u in morph.units(model)})
     paced_grown, _, _ = plan(model, ratios, paced(budget, model, 4), order="cost")
     assert macs < count_macs(paced_grown.spec) <= macs + 1_000_000
+
+
+def test_a_stage_deepens_only_after_its_layers_were_widened_and_saturate_again():
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    everything = ratios_for(model, saturated={u.name for u in morph.units(model)})
+    first_round = [a.kind for a in plan(model, everything, widened=set())[1]]
+    assert "deepen" not in first_round and first_round.count("widen") == len(morph.units(model))
+    stage0 = {u.name for u in morph.units(model) if u.stage == 0}
+    deepened = [a.target for a in plan(model, everything, widened=stage0)[1] if a.kind == "deepen"]
+    assert deepened == ["stage 0"]
+    # Without the record of earlier widenings (the older rule) every saturated stage deepens at once.
+    assert len([a for a in plan(model, everything)[1] if a.kind == "deepen"]) == len(morph.deepenable(model))
