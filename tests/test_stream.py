@@ -201,6 +201,26 @@ def test_the_cli_streams_on_request_and_refuses_it_elsewhere(small_photos, tmp_p
         "error: streaming applies to imagefolder and imagenet; synthetic is small enough for memory"]
 
 
+@pytest.mark.slow
+def test_two_processes_stream_what_one_process_streams(small_photos, tmp_path):
+    """Under torchrun the ranks agree on streaming (rank 0's choice) and together train the batches
+    one process trains: same loss in the first round, same architectures."""
+    from tests.test_distributed import torchrun
+    from tests.helpers import run_cli
+
+    flags = ["grow", "--dataset", "imagefolder", "--data-dir", str(small_photos), "--image-size", "32", "--stream",
+             "--data-workers", "1", "--device", "cpu", "--budget-flops", "2M", "--epochs-per-round", "1",
+             "--max-rounds", "2", "--finetune-epochs", "0", "--batch-size", "8", "--no-channels-last", "--quiet"]
+    single = run_cli(*flags, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    double = torchrun(*flags, "--out", str(tmp_path / "two"))
+    assert double.returncode == 0, double.stderr
+    h1, h2 = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two"))
+    assert h2["distributed"]["world_size"] == 2 and h2["dataset"]["storage"] == h1["dataset"]["storage"] == "stream"
+    assert [r["spec"] for r in h1["rounds"]] == [r["spec"] for r in h2["rounds"]]
+    assert abs(h1["rounds"][0]["train_loss"] - h2["rounds"][0]["train_loss"]) < 1e-3
+
+
 def test_export_checks_a_model_on_the_pictures_it_was_trained_on(small_photos):
     from grow.deploy import real_images
 
