@@ -74,8 +74,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--order", choices=("ratio", "cost"), default=d.order,
                    help="which asked-for growth steps go first: most saturated (ratio) or cheapest in MACs (cost)")
     g.add_argument("--deepen", choices=("after-widen", "with-widen"), default=d.deepen,
-                   help="a saturated stage deepens only once its layers were widened and saturate again "
-                        "(after-widen), or at once (with-widen); default %(default)s")
+                   help="a saturated stage deepens in the round its layers widen (with-widen), or only once they "
+                        "were widened and saturate again (after-widen); default %(default)s")
     g.add_argument("--pace-rounds", type=int, default=d.pace_rounds,
                    help="spread the budget evenly over rounds 1..N (0: spend it as soon as layers ask)")
     g.add_argument("--seed-fraction", type=float, default=d.seed_fraction,
