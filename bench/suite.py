@@ -40,7 +40,7 @@ from grow.cost import count_macs, count_params  # noqa: E402
 from grow.data import load_dataset  # noqa: E402
 from grow.fileio import write_json  # noqa: E402
 from grow.policy import Budget  # noqa: E402
-from grow.recipe import Recipe, train_spec  # noqa: E402
+from grow.recipe import train_spec  # noqa: E402
 from grow.report import human  # noqa: E402
 from grow.spec import ArchSpec  # noqa: E402
 
@@ -49,13 +49,7 @@ SCHEDULES = {"cifar10": (2, 10, 10), "fashion-mnist": (1, 5, 3)}
 QUICK = {"epochs_per_round": 1, "max_rounds": 3, "finetune_epochs": 2, "train_subset": 3000}
 
 
-def recipe_of(config: GrowConfig) -> Recipe:
-    lr = config.finetune_lr if config.finetune_lr is not None else config.lr
-    return Recipe(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                  label_smoothing=config.label_smoothing)
-
-
-def run_grown(config: GrowConfig, out: Path) -> dict:
+def run_grown(config: GrowConfig) -> dict:
     start = time.perf_counter()
     result = grow_network(config)
     final = result.history["final"]
@@ -78,7 +72,7 @@ def splits_of(config: GrowConfig):
 
 def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int) -> dict:
     splits = splits_of(config)
-    result = train_spec(spec, splits, epochs, recipe_of(config), seed=config.seed, batch_size=config.batch_size,
+    result = train_spec(spec, splits, epochs, config.recipe(), seed=config.seed, batch_size=config.batch_size,
                         augment=config.augments(), include_val=True)
     macs = count_macs(spec)
     return {"test_accuracy": result["test_accuracy"], "macs": macs, "params": count_params(spec),
@@ -102,7 +96,7 @@ def run_seed(config: GrowConfig, rows: list[str], out: Path) -> dict[str, dict]:
     epochs = config.total_epochs()
     if "grown" in rows or "grown-scratch" in rows:
         grown_cfg = dataclasses.replace(config, out=str(seed_dir / "grown"))
-        results["grown"] = cached(seed_dir / "grown.json", lambda: run_grown(grown_cfg, seed_dir))
+        results["grown"] = cached(seed_dir / "grown.json", lambda: run_grown(grown_cfg))
         print(f"  seed {config.seed} grown: {results['grown']['test_accuracy']:.4f}", flush=True)
     if "grown-scratch" in rows:
         spec = ArchSpec.from_dict(results["grown"]["spec"])

@@ -107,6 +107,12 @@ class GrowConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def recipe(self) -> Recipe:
+        """The dense recipe of the fine-tune; bench/suite.py trains its fixed networks with it too."""
+        lr = self.finetune_lr if self.finetune_lr is not None else self.lr
+        return Recipe(lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                      label_smoothing=self.label_smoothing)
+
     def total_epochs(self) -> int:
         return self.max_rounds * self.epochs_per_round + self.finetune_epochs
 
@@ -393,13 +399,12 @@ class _Run:
         """The dense recipe (grow.recipe: Nesterov SGD, one-cycle, label smoothing) on the grown
         network, on train + validation when `finetune_on_val` (then no validation is recorded)."""
         c = self.config
-        lr = c.finetune_lr if c.finetune_lr is not None else c.lr
+        recipe = c.recipe()
         total = self.finetune_epochs()
         batches = self.train_batches
         if c.finetune_on_val and len(self.splits.val):
             batches = Batches(merged(self.splits.train, self.splits.val), c.batch_size, info=self.splits.info,
                               train=True, device=self.device, seed=c.seed, augment=c.augments())
-        recipe = Recipe(lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, label_smoothing=c.label_smoothing)
         optimizer, scheduler = recipe.optimizer(model, total * len(batches))
         epochs = []
         self.reporter.phase("fine-tune", total)
@@ -408,7 +413,7 @@ class _Run:
                                           batches=batches, validate=batches is self.train_batches)
             epochs.append(record)
             self.reporter.epoch_end(record)
-        self.history["finetune"] = {"epochs": epochs, "lr": lr, "from_unused_rounds": total - c.finetune_epochs,
+        self.history["finetune"] = {"epochs": epochs, "lr": recipe.lr, "from_unused_rounds": total - c.finetune_epochs,
                                     "on_val": batches is not self.train_batches}
         return model
 

@@ -350,6 +350,15 @@ def shard(n: int, rank: int, world_size: int) -> slice:
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
+def batch_ranks(batch_size: int, train: bool, rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    """(rank, world size) a batch iterator takes its slice by: training batches default to the torchrun
+    job's, evaluation batches are never sharded. Refuses a batch size below 1."""
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    job = distributed.current() if train else distributed.SINGLE
+    return (job.rank if rank is None else rank), (job.world_size if world_size is None else world_size)
+
+
 class Batches:
     """Iterates over a TensorSet in batches on `device`: yields (x float32 NCHW in [0, 1], y int64).
 
@@ -376,11 +385,7 @@ class Batches:
     def __init__(self, data: TensorSet, batch_size: int, *, info: DatasetInfo, train: bool,
                  device: str | torch.device = "cpu", seed: int = 0, augment: bool = True,
                  drop_last: Optional[bool] = None, rank: Optional[int] = None, world_size: Optional[int] = None):
-        if batch_size < 1:
-            raise ValueError(f"the batch size must be at least 1, got {batch_size}")
-        job = distributed.current() if train else distributed.SINGLE
-        self.rank = job.rank if rank is None else rank
-        self.world_size = job.world_size if world_size is None else world_size
+        self.rank, self.world_size = batch_ranks(batch_size, train, rank, world_size)
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size = batch_size

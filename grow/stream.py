@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from grow import distributed
-from grow.data import DataError, DatasetInfo, TensorSet, channel_stats, shard
+from grow.data import DataError, DatasetInfo, TensorSet, batch_ranks, channel_stats, shard
 
 if TYPE_CHECKING:
     from grow.spec import ArchSpec
@@ -356,11 +356,7 @@ class StreamBatches:
     def __init__(self, data: FileSet, batch_size: int, *, info: Optional[DatasetInfo], train: bool,
                  device: str | torch.device = "cpu", seed: int = 0, augment: bool = True,
                  drop_last: Optional[bool] = None, rank: Optional[int] = None, world_size: Optional[int] = None):
-        if batch_size < 1:
-            raise ValueError(f"the batch size must be at least 1, got {batch_size}")
-        job = distributed.current() if train else distributed.SINGLE
-        self.rank = job.rank if rank is None else rank
-        self.world_size = job.world_size if world_size is None else world_size
+        self.rank, self.world_size = batch_ranks(batch_size, train, rank, world_size)
         self.data = data
         self.batch_size = batch_size
         self.info = info
