@@ -13,9 +13,11 @@ For one dataset, budget and family, with the same data, splits, epochs and seeds
   each with one width multiplier, the largest that fits the budget; "classic" is the uniform
   baseline a practitioner would use, and "best of K" the best hand shape with K times its compute.
 
-Every fixed network trains with grow.recipe (the same recipe as grow's fine-tune) for as many
-epochs as the whole growth run, on train + validation (it makes no decisions that need held-out
-data). Results are cached per (row, seed) in --out, so an interrupted suite continues where it
+Every fixed network trains with grow.recipe (the recipe of grow's fine-tune: Nesterov SGD, one-cycle,
+label smoothing) for as many epochs as the whole growth run, on train + validation (it makes no
+decisions that need held-out data), at the peak lr that suits training from scratch (--scratch-lr,
+0.1; 0.2 was worse on the CIFAR-10 pictures, see bench/RESULTS.md), where grow's fine-tune of a
+warm-started network uses its own --finetune-lr. Results are cached per (row, seed) in --out, so an interrupted suite continues where it
 stopped. Writes suite.json, suite.md and accuracy_compute.png to --out.
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ from grow.spec import ArchSpec  # noqa: E402
 
 # Schedules of the issue's scenarios: (epochs per round, max rounds, fine-tune epochs).
 SCHEDULES = {"cifar10": (2, 10, 10), "fashion-mnist": (1, 5, 3)}
+SCRATCH_LR = 0.1  # peak lr of the networks trained from scratch
 QUICK = {"epochs_per_round": 1, "max_rounds": 3, "finetune_epochs": 2, "train_subset": 3000}
 
 
@@ -70,9 +73,10 @@ def splits_of(config: GrowConfig):
                  config.download)
 
 
-def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int) -> dict:
+def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int, lr: float = SCRATCH_LR) -> dict:
     splits = splits_of(config)
-    result = train_spec(spec, splits, epochs, config.recipe(), seed=config.seed, batch_size=config.batch_size,
+    recipe = dataclasses.replace(config.recipe(), lr=lr)
+    result = train_spec(spec, splits, epochs, recipe, seed=config.seed, batch_size=config.batch_size,
                         augment=config.augments(), include_val=True)
     macs = count_macs(spec)
     return {"test_accuracy": result["test_accuracy"], "macs": macs, "params": count_params(spec),
@@ -89,7 +93,7 @@ def cached(path: Path, make) -> dict:
     return result
 
 
-def run_seed(config: GrowConfig, rows: list[str], out: Path) -> dict[str, dict]:
+def run_seed(config: GrowConfig, rows: list[str], out: Path, scratch_lr: float = SCRATCH_LR) -> dict[str, dict]:
     """Every row of the suite for one seed (config.seed)."""
     seed_dir = out / f"seed-{config.seed}"
     results: dict[str, dict] = {}
@@ -100,7 +104,7 @@ def run_seed(config: GrowConfig, rows: list[str], out: Path) -> dict[str, dict]:
         print(f"  seed {config.seed} grown: {results['grown']['test_accuracy']:.4f}", flush=True)
     if "grown-scratch" in rows:
         spec = ArchSpec.from_dict(results["grown"]["spec"])
-        results["grown-scratch"] = cached(seed_dir / "grown-scratch.json", lambda: run_fixed(spec, config, epochs))
+        results["grown-scratch"] = cached(seed_dir / "grown-scratch.json", lambda: run_fixed(spec, config, epochs, scratch_lr))
         print(f"  seed {config.seed} grown-scratch: {results['grown-scratch']['test_accuracy']:.4f}", flush=True)
     splits_info = splits_of(config).info
     norm = {"mean": list(splits_info.mean), "std": list(splits_info.std)}
@@ -109,7 +113,7 @@ def run_seed(config: GrowConfig, rows: list[str], out: Path) -> dict[str, dict]:
         if label not in rows:
             continue
         spec = scale_to_budget(shape, budget)
-        results[label] = cached(seed_dir / f"{label}.json", lambda: run_fixed(spec, config, epochs))
+        results[label] = cached(seed_dir / f"{label}.json", lambda: run_fixed(spec, config, epochs, scratch_lr))
         print(f"  seed {config.seed} {label}: {results[label]['test_accuracy']:.4f}", flush=True)
     return results
 
@@ -188,6 +192,9 @@ def main() -> None:
                         help="run this one seed (to spread a suite over processes; the cache joins them)")
     parser.add_argument("--rows", default=",".join(ORDER), help="rows to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="a few minutes: 1-epoch rounds, 3000 images, 1 seed")
+    parser.add_argument("--scratch-lr", type=float, default=SCRATCH_LR,
+                        help="peak lr of the networks trained from scratch (default %(default)s; cached rows keep "
+                             "theirs: give another --out)")
     parser.add_argument("--out", default=None, help="folder for results (default bench/out/<scenario>)")
     parser.set_defaults(epochs_per_round=None, max_rounds=None, finetune_epochs=None)
     args = parser.parse_args()
@@ -208,7 +215,7 @@ def main() -> None:
     print(f"suite {scenario}: {base.total_epochs()} epochs per network, seeds 0..{args.seeds - 1}, out {out}",
           flush=True)
     seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
-    per_seed = {s: run_seed(dataclasses.replace(base, seed=s), rows, out) for s in seeds}
+    per_seed = {s: run_seed(dataclasses.replace(base, seed=s), rows, out, args.scratch_lr) for s in seeds}
     summary = summarise(per_seed)
     title = (f"{args.dataset}, {args.space}, budget {budget} MACs, {base.total_epochs()} epochs, "
              f"{len(per_seed)} seed(s)")

@@ -78,6 +78,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "were widened and saturate again (after-widen); default %(default)s")
     g.add_argument("--pace-rounds", type=int, default=d.pace_rounds,
                    help="spread the budget evenly over rounds 1..N (0: spend it as soon as layers ask)")
+    g.add_argument("--deepen-per-round", type=int, default=d.deepen_per_round,
+                   help="at most this many stages deepen in one round, the cheapest first (0: no limit; "
+                        "default %(default)s)")
+    g.add_argument("--extend-stages", action=argparse.BooleanOptionalAction, default=d.extend_stages,
+                   help="a saturated last stage may be followed by a new stage at half its resolution "
+                        "(default %(default)s)")
     g.add_argument("--seed-fraction", type=float, default=d.seed_fraction,
                    help="share of the budget the classic-shaped seed costs (default %(default)s)")
     g.add_argument("--epochs-per-round", type=int, default=d.epochs_per_round)

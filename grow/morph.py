@@ -80,6 +80,13 @@ def deepened_spec(model: nn.Module, stage: int) -> ArchSpec:
     return _family(model.spec).deepen_spec(model.spec, stage)
 
 
+def extended_spec(model: nn.Module) -> Optional[ArchSpec]:
+    """The spec `extend(model)` would build, or None where the family or the image size allows no
+    further stage."""
+    extend_spec = getattr(_family(model.spec), "extend_spec", None)
+    return extend_spec(model.spec) if extend_spec else None
+
+
 WIDEN_INITS = ("split", "fresh")
 
 
@@ -167,6 +174,22 @@ def deepen(model: nn.Module, stage: int, generator: Optional[torch.Generator] = 
         raise ValueError(f"stage {stage} cannot deepen; deepenable stages: {family.deepenable(model.spec)}")
     new = _transfer(model, family.deepen_spec(model.spec, stage), generator)
     family.init_new_layer(new, stage)
+    return new
+
+
+def extend(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """A new network with one more stage at half the last stage's resolution; `model` is untouched.
+
+    Not exactly function-preserving, unlike widen and deepen: the new stage starts as the identity on
+    the old features, but the classifier now reads them through one more 2x2 pooling. A filter at
+    half the resolution costs a quarter of the MACs, which makes a new stage the cheapest capacity
+    growth can add to a saturated last stage.
+    """
+    spec = extended_spec(model)
+    if spec is None:
+        raise ValueError(f"this {model.spec.family} network cannot take another stage")
+    new = _transfer(model, spec, generator)
+    _family(model.spec).init_new_stage(new)
     return new
 
 

@@ -38,7 +38,7 @@ class Budget:
 class Action:
     """One growth step that was applied, with the reason a user reads in history.json."""
 
-    kind: str          # "widen" | "deepen"
+    kind: str          # "widen" | "deepen" | "extend" (a new stage)
     target: str        # unit name, or "stage N"
     before: int        # width, or number of layers/blocks of the stage
     after: int
@@ -119,7 +119,7 @@ def paced(budget: Budget, model: nn.Module, rounds_left: int) -> Budget:
     return Budget(part(budget.macs, count_macs(spec)), part(budget.params, count_params(spec)))
 
 
-def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages):
+def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages, extend):
     """(kind, target, extra MACs of the full step) of every growth step the ratios ask for."""
     macs = count_macs(model.spec)
     steps = []
@@ -130,6 +130,8 @@ def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages
             steps.append(("widen", unit, target, count_macs(spec) - macs))
     for stage in deepen_stages:
         steps.append(("deepen", stage, None, count_macs(morph.deepened_spec(model, stage)) - macs))
+    if extend:
+        steps.append(("extend", len(morph.deepenable(model)), None, count_macs(morph.extended_spec(model)) - macs))
     return steps
 
 
@@ -145,6 +147,8 @@ def plan_growth(
     widen_init: str = "fresh",
     order: str = "ratio",
     widened: Optional[set[str]] = None,
+    extend_stages: bool = False,
+    max_deepen: Optional[int] = None,
 ) -> tuple[nn.Module, list[Action], list[str]]:
     """Grow `model` where it is saturated, as far as `budget` allows.
 
@@ -154,6 +158,10 @@ def plan_growth(
     widening alone has not relieved it. Depth at high resolution is the most expensive capacity
     there is, and on the CIFAR-10 pictures a stage deepened at the first saturation cost a point
     against the same budget spent on width (bench/RESULTS.md).
+    At most `max_deepen` stages deepen in one round, the cheapest (ties: the earliest): with every
+    saturated stage deepening at once, a large budget goes to depth in one round.
+    With `extend_stages`, a saturated last stage also asks for a new stage after one more pooling
+    (grow.morph.extend), where the family and the image size allow one.
     order "ratio": widenings first, most saturated first, then deepenings (the first policy).
     order "cost": every asked-for step, widening or deepening, cheapest in MACs first: a filter
     at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
@@ -168,7 +176,13 @@ def plan_growth(
         if all(ratios[u.name] >= tau and (widened is None or u.name in widened) for u in units if u.stage == s)
         and any(u.stage == s for u in units)
     ]
-    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages)
+    if max_deepen is not None:  # the cheapest stages (ties: the earliest)
+        deepen_stages = sorted(deepen_stages, key=lambda s: count_macs(morph.deepened_spec(model, s)))[:max_deepen]
+    # A new stage at half resolution when the last stage is as saturated as a deepening asks for.
+    extend = extend_stages and morph.extended_spec(model) is not None and all(
+        ratios[u.name] >= tau and (widened is None or u.name in widened)
+        for u in units if u.stage == max(morph.deepenable(model)))
+    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages, extend)
     if order == "ratio":
         steps.sort(key=lambda st: (st[0] == "deepen", -ratios[st[1].name] if st[0] == "widen" else 0))
     else:
@@ -178,16 +192,14 @@ def plan_growth(
     for kind, target_of, target, _ in steps:
         if kind == "widen":
             grown = _widen_step(model, target_of, target, ratios, budget, tau, widen_min, generator, widen_init)
-            if isinstance(grown, str):
-                skipped.append(grown)
-                continue
-            model, action = grown
+        elif kind == "extend":
+            grown = _extend_step(model, units, ratios, budget, generator)
         else:
             grown = _deepen_step(model, target_of, units, ratios, budget)
-            if isinstance(grown, str):
-                skipped.append(grown)
-                continue
-            model, action = grown
+        if isinstance(grown, str):
+            skipped.append(grown)
+            continue
+        model, action = grown
         actions.append(action)
     return model, actions, skipped
 
@@ -221,4 +233,21 @@ def _deepen_step(model, stage, units, ratios, budget):
         "deepen", f"stage {stage}", depth, depth + 1, stage_ratio,
         f"every unit of stage {stage} is saturated (min ratio {stage_ratio:.2f})",
         count_macs(grown.spec), count_params(grown.spec),
+    )
+
+
+def _extend_step(model, units, ratios, budget, generator):
+    """(grown model, action) for a new stage at half resolution, or a note on why it did not fit."""
+    stages = len(morph.deepenable(model))
+    spec = morph.extended_spec(model)
+    if spec is None:
+        return "no further stage: the image is too small for another pooling"
+    if not budget.fits(spec):
+        return f"stage {stages}: a new stage exceeds the budget"
+    grown = morph.extend(model, generator)
+    ratio = min(ratios[u.name] for u in units if u.stage == stages - 1)
+    return grown, Action(
+        "extend", f"stage {stages}", stages, stages + 1, ratio,
+        f"every unit of the last stage is saturated (min ratio {ratio:.2f}); a filter at half the "
+        f"resolution costs a quarter of the MACs", count_macs(grown.spec), count_params(grown.spec),
     )

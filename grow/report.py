@@ -207,13 +207,13 @@ class RichReporter(Reporter):
 
         ratios = record["epochs"][-1]["selection_ratio"]
         acted: dict[str, list[str]] = {}
-        deepened = []
+        whole = []  # actions on a stage or on every layer: a row of their own
         for a in record["actions"]:
             text = f"{a['kind']} {a['before']}->{a['after']}"
-            if a["kind"] == "deepen":
-                deepened.append((a["target"], text))
-            else:
+            if a["kind"] == "widen":
                 acted.setdefault(a["target"], []).append(text)
+            else:
+                whole.append((a["target"], text))
         table = Table(title=f"round {record['round']}: val acc {record['val_accuracy']:.3f}", title_justify="left")
         table.add_column("layer", no_wrap=True)
         for col in ("kind", "stage", "width", "selection ratio", "action"):
@@ -221,8 +221,9 @@ class RichReporter(Reporter):
         for u in units:
             table.add_row(u.name, u.kind, str(u.stage), str(u.width), f"{ratios.get(u.name, 0):.2f}",
                           ", ".join(acted.get(u.name, [])) or "-")
-        for target, text in deepened:
-            table.add_row(target, "stage", target.split()[-1], "", "", text)
+        for target, text in whole:
+            stage = target.split()[-1] if target.startswith("stage") else ""
+            table.add_row(target, "stage" if stage else "network", stage, "", "", text)
         self.console.print(table)
         for note in record.get("notes", []):
             self.console.print(f"  note: {note}")

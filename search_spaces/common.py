@@ -102,11 +102,12 @@ def scaled(width: int, factor: float) -> int:
 
 
 def identity_conv_(conv: nn.Conv2d) -> None:
-    """Make a square conv compute the identity (centre tap 1 from channel i to channel i)."""
+    """Make a square conv compute the identity (centre tap 1 from channel i to channel i) on the
+    channels it has both as input and output; further outputs are left zero."""
     with torch.no_grad():
         conv.weight.zero_()
         k = conv.kernel_size[0] // 2
-        for i in range(conv.out_channels):
+        for i in range(min(conv.out_channels, conv.in_channels)):
             conv.weight[i, i, k, k] = 1.0
 
 

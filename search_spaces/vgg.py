@@ -170,6 +170,39 @@ def deepen_spec(spec: ArchSpec, stage: int) -> ArchSpec:
     return _with_stages(spec, stages)
 
 
+def _stage_sizes(spec: ArchSpec) -> list[int]:
+    """Shorter side of the image each stage works on."""
+    size = min(_after_stem(spec.input_shape[1:]) if _strided(spec) else spec.input_shape[1:])
+    sizes = []
+    for pool in _pools(spec):
+        sizes.append(size)
+        size = size // 2 if pool else size
+    return sizes
+
+
+def extend_spec(spec: ArchSpec) -> Optional[ArchSpec]:
+    """`spec` with one more stage after one more 2x2 pooling, twice as wide as the last stage (as every
+    stage of the seed is twice its predecessor); None when the new stage would see less than 2 pixels
+    a side (a 3x3 conv on one pixel is a linear layer, not a stage)."""
+    if _stage_sizes(spec)[-1] // 2 < 2:
+        return None
+    return _with_stages(spec, [list(s) for s in spec.body["stages"]] + [[2 * spec.body["stages"][-1][-1]]])
+
+
+def init_new_stage(model: nn.Module) -> None:
+    """The new last stage passes the old stage's features through: its first channels are the identity
+    (identity kernel and BN, ReLU of non-negative input), the rest are new filters whose classifier
+    weights are zero. What changes is the pooling: the classifier now averages the 2x2 max-pooled
+    map instead of the whole one, which shifts the logits a little; training takes it from there."""
+    layer = model.stages[-1][0]
+    old = layer.conv.in_channels
+    with torch.no_grad():
+        new_rows = layer.conv.weight[old:].clone()  # random: keep them, at the identity rows' norm (1)
+        identity_conv_(layer.conv)
+        layer.conv.weight[old:] = new_rows / new_rows.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        identity_bn_(layer.bn)
+
+
 def init_new_layer(model: nn.Module, stage: int) -> None:
     """The appended layer computes the identity: identity kernel, BN the identity for its
     running statistics, and ReLU of the previous ReLU's (non-negative) output changes nothing."""

@@ -244,3 +244,32 @@ def test_sgd_momentum_moves_with_growth():
         rest[lead] = 0
         assert not rest.any(), name
     new_opt.step()  # the carried state is usable as it is
+
+
+def test_extend_adds_a_half_resolution_stage_that_starts_as_the_old_features():
+    """A new last stage, twice as wide, after one more pooling: what the classifier saw is pooled once
+    more (so not exact), the old features pass through the new conv unchanged, and the new filters
+    are not yet read by the classifier."""
+    spec = search_spaces.get("vgg").seed((3, 32, 32), 10)
+    model = trained_like(spec)
+    grown = grow.morph.extend(model)
+    assert grown.spec.body["stages"] == spec.body["stages"] + [[2 * spec.body["stages"][-1][-1]]]
+    assert_carried(model, grown)
+    assert count_macs(grown.spec) == measure_macs(grown)
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        features = model.normalize(x)
+        for layers, pool in zip(model.stages, model.pools):
+            features = layers[0](features)
+            features = torch.nn.functional.max_pool2d(features, 2) if pool else features
+        pooled = torch.nn.functional.max_pool2d(features, 2)  # the grown network pools the old last stage
+        through = grown.eval().stages[-1][0](pooled)
+    old_width = spec.body["stages"][-1][-1]
+    assert torch.allclose(through[:, :old_width], pooled, atol=1e-5)
+    assert torch.all(grown.classifier.weight[:, old_width:] == 0)
+    # Another stage would see one pixel: refused.
+    assert grow.morph.extended_spec(grown) is None
+    with pytest.raises(ValueError, match="another stage"):
+        grow.morph.extend(grown)
+    # Families without stages to add say so.
+    assert grow.morph.extended_spec(build(search_spaces.get("resnet").seed((3, 32, 32), 10))) is None

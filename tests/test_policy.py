@@ -123,3 +123,31 @@ def test_a_stage_deepens_only_after_its_layers_were_widened_and_saturate_again()
     assert deepened == ["stage 0"]
     # Without the record of earlier widenings (the older rule) every saturated stage deepens at once.
     assert len([a for a in plan(model, everything)[1] if a.kind == "deepen"]) == len(morph.deepenable(model))
+
+
+def test_a_saturated_last_stage_is_followed_by_a_new_stage_where_the_image_allows():
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    last = {u.name for u in morph.units(model) if u.stage == 3}
+    grown, actions, _ = plan(model, ratios_for(model, saturated=last), extend_stages=True, order="cost")
+    extended = [a for a in actions if a.kind == "extend"]
+    assert len(extended) == 1 and extended[0].target == "stage 4"
+    assert len(grown.spec.body["stages"]) == 5 and grown.spec.body["stages"][-1] == [2 * grown.spec.body["stages"][3][-1]]
+    # Not asked for while the last stage has room, and not without the option.
+    assert not [a for a in plan(model, ratios_for(model, saturated={"stages.0.0.conv"}), extend_stages=True)[1]
+                if a.kind == "extend"]
+    assert not [a for a in plan(model, ratios_for(model, saturated=last))[1] if a.kind == "extend"]
+    # A budget too small for the new stage keeps the network at four stages, with a note.
+    tight = Budget(macs=count_macs(model.spec) + 1000)
+    grown, actions, notes = plan(model, ratios_for(model, saturated=last), tight, extend_stages=True)
+    assert len(grown.spec.body["stages"]) == 4 and any("new stage exceeds the budget" in n for n in notes)
+
+
+
+def test_at_most_the_asked_number_of_stages_deepen_in_a_round_the_cheapest_first():
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    everything = ratios_for(model, saturated={u.name for u in morph.units(model)})
+    costs = {s: count_macs(morph.deepened_spec(model, s)) for s in morph.deepenable(model)}
+    deepened = [a.target for a in plan(model, everything, max_deepen=1)[1] if a.kind == "deepen"]
+    assert deepened == [f"stage {min(costs, key=costs.get)}"]
+    assert len([a for a in plan(model, everything, max_deepen=2)[1] if a.kind == "deepen"]) == 2
+    assert len([a for a in plan(model, everything)[1] if a.kind == "deepen"]) == len(costs)
