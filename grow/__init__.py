@@ -26,6 +26,7 @@ _EXPORTS = {
     "widen": "grow.morph",
     "deepenable": "grow.morph",
     "deepen": "grow.morph",
+    "extend": "grow.morph",
     "move_optimizer_state": "grow.morph",
     "prune": "grow.morph",
     "PruneConfig": "grow.pruning",

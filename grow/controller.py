@@ -44,18 +44,18 @@ class GrowConfig:
       held a round's training accuracy near 30%; halving it was worth +1.4 and +3.0 points on the
       suite (bench/RESULTS.md). Z's speed, lr/mu, is set by the path speed and does not change.
     - finetune_lr 0.2: a one-cycle fine-tune peaking at twice the lr that suits training from
-      scratch. A warm-started network trained at 0.1 stayed 1.3 points below its own shape trained
-      from scratch; 0.2 gained 0.6-1.0 point over three seeds on the CIFAR-10 pictures, where the
-      same lr from scratch was slightly worse (bench/RESULTS.md). Momentum 0.9, weight_decay 5e-4,
+      scratch. At 0.1 the warm-started network stayed 2.0 points below its own shape trained from
+      scratch on the CIFAR-10 pictures, at 0.2 0.8 points; from scratch, 0.2 was slightly worse
+      than 0.1 (bench/RESULTS.md). Momentum 0.9, weight_decay 5e-4,
       batch 128: the usual CIFAR SGD recipe.
     - order "cost": asked-for growth steps cheapest in MACs first (grow.policy.plan_growth).
     - extend_stages: a saturated last stage may be followed by a new stage at half its resolution,
-      the cheapest capacity there is under a MAC budget. It was worth +1.2 points over three seeds
+      the cheapest capacity there is under a MAC budget. It was worth +1.6 points over three seeds
       at 5M MACs on the CIFAR-10 pictures, and the shape growth then found beat the seed's topology
       scaled to the budget by 1.3 points when both trained from scratch.
     - deepen "with-widen" and deepen_per_round 1: a fully saturated stage deepens in the round its
       layers widen, but only one stage per round, the cheapest. With every stage deepening at once,
-      a 20M budget went to four deepenings in round 2 and the grown network lost 5 points to the one
+      a 20M budget went to four deepenings in round 2 and the grown network lost 5.7 points to the one
       that deepens one stage a round (RESULTS.md). "after-widen" (deepen only once the widened layers
       saturate again) took until round 5-6 to fill the budget and lost 2 points.
     - mu None: chosen from the round length so that Gamma's path advances the same
