@@ -248,4 +248,7 @@ class RichReporter(Reporter):
 
     def close(self) -> None:
         if self.progress.live.is_started:  # the terminal gets its cursor back however the run ended
-            self.progress.stop()
+            try:
+                self.progress.stop()
+            except IndexError:  # a signal arrived inside Live.start(), before it pushed its render hook
+                self.console.show_cursor(True)

@@ -307,6 +307,24 @@ def test_the_final_line_keeps_model_and_its_path_together():
     assert f"model: {path}" in console.file.getvalue()
 
 
+
+def test_a_signal_inside_the_live_display_start_still_closes_cleanly(monkeypatch):
+    """SIGTERM can land inside rich's Live.start(), after it counts as started but before its render
+    hook is pushed: closing the reporter must give the cursor back, not raise."""
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    reporter = RichReporter(console=console)
+
+    def interrupted(hook):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(console, "push_render_hook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reporter.epoch_start("round 1 epoch 1/1", 10)
+    reporter.close()
+    assert console.file.getvalue().endswith("\x1b[?25h")
+
 # --- flags and values ---------------------------------------------------------------------------
 @pytest.mark.parametrize("content, fragment", [('{"params": {"lr": "abc"}}', "lr"), ('{"lr": [1]}', "lr"),
                                                ("[0.1, 1.0]", "JSON object"), ('{"kappa": null}', "kappa"),
