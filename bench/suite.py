@@ -17,8 +17,8 @@ Every fixed network trains with grow.recipe (the recipe of grow's fine-tune: Nes
 label smoothing) for as many epochs as the whole growth run, on train + validation (it makes no
 decisions that need held-out data), at the peak lr that suits training from scratch (--scratch-lr,
 0.1; 0.2 was worse on the CIFAR-10 pictures, see bench/RESULTS.md), where grow's fine-tune of a
-warm-started network uses its own --finetune-lr. Results are cached per (row, seed) in --out, so an interrupted suite continues where it
-stopped. Writes suite.json, suite.md and accuracy_compute.png to --out.
+warm-started network uses its own --finetune-lr. Results are cached per (row, seed) in --out, so an
+interrupted suite continues where it stopped. Writes suite.json, suite.md and accuracy_compute.png to --out.
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def run_seed(config: GrowConfig, rows: list[str], out: Path, scratch_lr: float =
         print(f"  seed {config.seed} grown: {results['grown']['test_accuracy']:.4f}", flush=True)
     if "grown-scratch" in rows:
         spec = ArchSpec.from_dict(results["grown"]["spec"])
-        results["grown-scratch"] = cached(seed_dir / "grown-scratch.json", lambda: run_fixed(spec, config, epochs, scratch_lr))
+        results["grown-scratch"] = cached(seed_dir / "grown-scratch.json",
+                                          lambda: run_fixed(spec, config, epochs, scratch_lr))
         print(f"  seed {config.seed} grown-scratch: {results['grown-scratch']['test_accuracy']:.4f}", flush=True)
     splits_info = splits_of(config).info
     norm = {"mean": list(splits_info.mean), "std": list(splits_info.std)}

@@ -171,17 +171,19 @@ def plan_growth(
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     units = morph.units(model)
-    deepen_stages = [
-        s for s in morph.deepenable(model)
-        if all(ratios[u.name] >= tau and (widened is None or u.name in widened) for u in units if u.stage == s)
-        and any(u.stage == s for u in units)
-    ]
+    stages = morph.deepenable(model)
+
+    def full(stage: int) -> bool:
+        """Every unit of `stage` saturated (and, with `widened`, widened before)."""
+        members = [u for u in units if u.stage == stage]
+        return bool(members) and all(ratios[u.name] >= tau and (widened is None or u.name in widened)
+                                     for u in members)
+
+    deepen_stages = [s for s in stages if full(s)]
     if max_deepen is not None:  # the cheapest stages (ties: the earliest)
         deepen_stages = sorted(deepen_stages, key=lambda s: count_macs(morph.deepened_spec(model, s)))[:max_deepen]
-    # A new stage at half resolution when the last stage is as saturated as a deepening asks for.
-    extend = extend_stages and morph.extended_spec(model) is not None and all(
-        ratios[u.name] >= tau and (widened is None or u.name in widened)
-        for u in units if u.stage == max(morph.deepenable(model)))
+    # A new stage at half resolution when the last stage is as full as a deepening asks for.
+    extend = extend_stages and morph.extended_spec(model) is not None and full(max(stages))
     steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages, extend)
     if order == "ratio":
         steps.sort(key=lambda st: (st[0] == "deepen", -ratios[st[1].name] if st[0] == "widen" else 0))

@@ -207,7 +207,7 @@ class RichReporter(Reporter):
 
         ratios = record["epochs"][-1]["selection_ratio"]
         acted: dict[str, list[str]] = {}
-        whole = []  # actions on a stage or on every layer: a row of their own
+        whole = []  # actions on a stage (deepen, extend): a row of their own
         for a in record["actions"]:
             text = f"{a['kind']} {a['before']}->{a['after']}"
             if a["kind"] == "widen":
@@ -222,8 +222,7 @@ class RichReporter(Reporter):
             table.add_row(u.name, u.kind, str(u.stage), str(u.width), f"{ratios.get(u.name, 0):.2f}",
                           ", ".join(acted.get(u.name, [])) or "-")
         for target, text in whole:
-            stage = target.split()[-1] if target.startswith("stage") else ""
-            table.add_row(target, "stage" if stage else "network", stage, "", "", text)
+            table.add_row(target, "stage", target.split()[-1], "", "", text)
         self.console.print(table)
         for note in record.get("notes", []):
             self.console.print(f"  note: {note}")

@@ -79,16 +79,22 @@ def _after_stem(hw: tuple[int, int]) -> tuple[int, int]:
     return tuple(conv_out(conv_out(x, 7, 2), 3, 2) for x in hw)  # type: ignore[return-value]
 
 
+def _stage_sizes(spec: ArchSpec) -> list[int]:
+    """Shorter side of the image each stage works on: a stage is pooled after (2x2) only while that
+    is at least 2 pixels, and the last stage never is."""
+    size = min(_after_stem(spec.input_shape[1:]) if _strided(spec) else spec.input_shape[1:])
+    sizes = []
+    for s in range(len(spec.body["stages"])):
+        sizes.append(size)
+        if s < len(spec.body["stages"]) - 1 and size >= 2:
+            size //= 2
+    return sizes
+
+
 def _pools(spec: ArchSpec) -> list[bool]:
     """Whether each stage is followed by 2x2 max-pooling."""
-    h, w = _after_stem(spec.input_shape[1:]) if _strided(spec) else spec.input_shape[1:]
-    pools = []
-    for s in range(len(spec.body["stages"])):
-        pool = s < len(spec.body["stages"]) - 1 and min(h, w) >= 2
-        pools.append(pool)
-        if pool:
-            h, w = h // 2, w // 2
-    return pools
+    sizes = _stage_sizes(spec)
+    return [s < len(sizes) - 1 and size >= 2 for s, size in enumerate(sizes)]
 
 
 class VGG(nn.Module):
@@ -168,16 +174,6 @@ def deepen_spec(spec: ArchSpec, stage: int) -> ArchSpec:
     stages = [list(s) for s in spec.body["stages"]]
     stages[stage].append(stages[stage][-1])
     return _with_stages(spec, stages)
-
-
-def _stage_sizes(spec: ArchSpec) -> list[int]:
-    """Shorter side of the image each stage works on."""
-    size = min(_after_stem(spec.input_shape[1:]) if _strided(spec) else spec.input_shape[1:])
-    sizes = []
-    for pool in _pools(spec):
-        sizes.append(size)
-        size = size // 2 if pool else size
-    return sizes
 
 
 def extend_spec(spec: ArchSpec) -> Optional[ArchSpec]:
