@@ -78,6 +78,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "were widened and saturate again (after-widen); default %(default)s")
     g.add_argument("--pace-rounds", type=int, default=d.pace_rounds,
                    help="spread the budget evenly over rounds 1..N (0: spend it as soon as layers ask)")
+    g.add_argument("--fill-by", type=int, default=d.fill_by,
+                   help="after round N, spend the rest of the budget at once (every layer widened by one factor) "
+                        "and end growth (0: never; default: half of --max-rounds, rounded up)")
     g.add_argument("--deepen-per-round", type=int, default=d.deepen_per_round,
                    help="at most this many stages deepen in one round, the cheapest first (0: no limit; "
                         "default %(default)s)")

@@ -119,6 +119,31 @@ def paced(budget: Budget, model: nn.Module, rounds_left: int) -> Budget:
     return Budget(part(budget.macs, count_macs(spec)), part(budget.params, count_params(spec)))
 
 
+def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, reason: str,
+                generator: Optional[torch.Generator] = None, widen_init: str = "split", minimum: int = 1,
+                max_factor: float = 64.0) -> tuple[nn.Module, list[Action]]:
+    """Spend what is left of `budget` at once: every unit widened by one common factor, the largest
+    that fits, so the shape growth chose keeps its proportions and trains at full size for the
+    rest of the run. Returns the grown model and one widen action per unit that grew; nothing
+    changes when no unit would grow by `minimum` filters (the budget is as good as spent)."""
+    units = morph.units(model)
+
+    def widths(factor: float) -> dict[str, int]:
+        return {u.name: max(u.width, int(round(u.width * factor))) for u in units}
+
+    lo, hi = 1.0, max_factor
+    for _ in range(40):  # cost never decreases as the factor grows: bisection is exact to its last step
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if budget.fits(morph.widened_spec(model, widths(mid))) else (lo, mid)
+    target = {u.name: w for u, w in zip(units, widths(lo).values()) if w > u.width}
+    if max((w - u.width for u, w in zip(units, widths(lo).values())), default=0) < minimum:
+        return model, []
+    grown = morph.widen(model, target, generator=generator, init=widen_init)
+    macs, params = count_macs(grown.spec), count_params(grown.spec)
+    return grown, [Action("widen", u.name, u.width, target[u.name], ratios.get(u.name, 0.0),
+                          f"{reason}: every layer x{lo:.2f}", macs, params) for u in units if u.name in target]
+
+
 def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages, extend):
     """(kind, target, extra MACs of the full step) of every growth step the ratios ask for."""
     macs = count_macs(model.spec)

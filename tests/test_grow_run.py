@@ -37,7 +37,7 @@ def test_run_grows_within_budget_and_exports(finished_run):
     record = json.loads((out / "model.json").read_text())
     for key in ("format", "space", "input_shape", "num_classes", "macs", "params", "normalization", "metrics"):
         assert key in record
-    assert record["macs"] == rounds[-1]["macs"] <= 2_000_000
+    assert record["macs"] == history["finetune"]["macs"] <= 2_000_000  # the network the fine-tune trained
     assert record["metrics"]["test_accuracy"] > 0.3, "well above 10% chance on the synthetic classes"
     for png in ("selection_ratio.png", "widths.png", "accuracy_macs.png"):
         assert (out / png).stat().st_size > 1000
@@ -150,3 +150,18 @@ def test_growth_waits_while_the_gamma_path_is_still_moving(tmp_path):
     assert not first["actions"] and "stop" not in first
     assert any("still moving" in note for note in first["notes"])
     assert second["actions"] and result.history["final"]["macs"] > first["macs"]
+
+
+def test_fill_by_spends_the_rest_of_the_budget_and_ends_growth(tmp_path):
+    """With --fill-by 1 the first round is the last growth round: whatever budget growth left, every
+    layer widens by one factor into it, the run stops growing, and the unused rounds go to the fine-tune."""
+    result = grow_network(tiny_config(tmp_path / "fill", budget_macs=3_000_000, max_rounds=3, fill_by=1))
+    rounds = result.history["rounds"]
+    assert len(rounds) == 1 and "--fill-by 1" in rounds[0]["stop"]
+    fills = [a for a in rounds[0]["actions"] if "every layer x" in a["reason"]]
+    assert fills and all(a["kind"] == "widen" and a["after"] > a["before"] for a in fills)
+    final = result.history["final"]
+    assert final["macs"] <= 3_000_000
+    assert final["macs"] > 0.85 * 3_000_000  # the budget is spent, up to the rounding of one factor
+    assert len(result.history["finetune"]["epochs"]) == 1 + 2  # --finetune-epochs plus the two unused rounds
+    assert result.history["finetune"]["macs"] == final["macs"] > rounds[0]["macs"]

@@ -151,3 +151,25 @@ def test_at_most_the_asked_number_of_stages_deepen_in_a_round_the_cheapest_first
     assert deepened == [f"stage {min(costs, key=costs.get)}"]
     assert len([a for a in plan(model, everything, max_deepen=2)[1] if a.kind == "deepen"]) == 2
     assert len([a for a in plan(model, everything)[1] if a.kind == "deepen"]) == len(costs)
+
+
+def test_fill_budget_widens_every_layer_by_one_factor_within_the_budget():
+    """The fill keeps the grown shape's proportions (one factor for every unit), stays within the
+    budget, and is the widest such step: one more filter everywhere would not fit."""
+    from grow.policy import fill_budget
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    before = {u.name: u.width for u in morph.units(model)}
+    budget = Budget(macs=4 * count_macs(model.spec))
+    grown, actions = fill_budget(model, budget, {}, reason="test")
+    after = {u.name: u.width for u in morph.units(grown)}
+    assert budget.fits(grown) and {a.target for a in actions} == set(before)
+    factors = [after[n] / before[n] for n in before]
+    assert max(factors) - min(factors) < 0.1
+    assert not budget.fits(morph.widened_spec(model, {n: w + 1 for n, w in after.items()}))
+    # With nothing left to spend, or less than `minimum` filters' worth, nothing changes.
+    same, none = fill_budget(grown, Budget(macs=count_macs(grown.spec)), {}, reason="test")
+    assert same is grown and none == []
+    one_more = fill_budget(grown, Budget(macs=int(count_macs(grown.spec) * 1.02)), {}, reason="test")[1]
+    assert one_more and max(a.after - a.before for a in one_more) < 4
+    same, none = fill_budget(grown, Budget(macs=int(count_macs(grown.spec) * 1.02)), {}, reason="test", minimum=4)
+    assert same is grown and none == []
