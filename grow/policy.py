@@ -141,7 +141,7 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
     grown = morph.widen(model, target, generator=generator, init=widen_init)
     macs, params = count_macs(grown.spec), count_params(grown.spec)
     return grown, [Action("widen", u.name, u.width, target[u.name], ratios.get(u.name, 0.0),
-                          f"{reason}: every layer x{lo:.2f}", macs, params) for u in units if u.name in target]
+                          f"{reason}: the rest of the budget spent, every layer x{lo:.2f}", macs, params) for u in units if u.name in target]
 
 
 def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages, extend):

@@ -30,13 +30,14 @@ from grow.errors import GrowError, mask_secrets
 from grow.fileio import write_json
 from grow.report import Reporter
 
-# name -> (GrowConfig field, low, high, log scale). Why these ranges: lr around the usual 0.1 of
-# SGD on small images, a decade each side at most; kappa around the paper's 1 (it scales both the
-# step and Gamma); the path speed (lr * steps / mu per round) from "Gamma barely moves in a
+# name -> (GrowConfig field, low, high, log scale). Why these ranges: DessiLBI's weight step is
+# lr * kappa, and the defaults (lr 1.0, kappa 0.1) make it the usual 0.1 of SGD on small images;
+# lr and kappa each range over a decade and more on both sides of them, kappa up to the paper's 1
+# and beyond (it scales the pull towards Gamma and Gamma itself); the path speed (lr * steps / mu per round) from "Gamma barely moves in a
 # round" to "everything is selected within a round"; tau from lenient to strict.
 SEARCH_SPACE = {
-    "lr": ("lr", 0.01, 0.5, True),
-    "kappa": ("kappa", 0.3, 3.0, True),
+    "lr": ("lr", 0.05, 3.0, True),
+    "kappa": ("kappa", 0.03, 2.0, True),
     "mu": ("path_per_round", 0.5, 10.0, True),
     "tau": ("tau", 0.6, 1.0, False),
 }

@@ -152,7 +152,8 @@ class _StopAtRound(Reporter):
 def stopped_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stopped") / "run"
     with pytest.raises(KeyboardInterrupt):
-        grow.grow_network(tiny_config(out, train_subset=2000, max_rounds=4, path_per_round=6.0), _StopAtRound())
+        grow.grow_network(tiny_config(out, train_subset=2000, max_rounds=4, path_per_round=6.0, fill_by=0),
+                          _StopAtRound())
     return out
 
 

@@ -31,10 +31,11 @@ from grow.rundir import RunLock
 from grow.spec import ArchSpec, SpecError
 from tests.helpers import ROOT, run_cli, tiny_config
 
-# A run that grows for four one-epoch rounds in about four seconds.
-SMALL = dict(train_subset=2000, max_rounds=4, path_per_round=6.0)
+# A run that grows for four one-epoch rounds in about four seconds (no deadline: every round may grow).
+SMALL = dict(train_subset=2000, max_rounds=4, path_per_round=6.0, fill_by=0)
 SMALL_FLAGS = ["--dataset", "synthetic", "--budget-flops", "2M", "--epochs-per-round", "1", "--max-rounds", "4",
-               "--finetune-epochs", "1", "--train-subset", "2000", "--path-per-round", "6", "--device", "cpu"]
+               "--finetune-epochs", "1", "--train-subset", "2000", "--path-per-round", "6", "--fill-by", "0",
+               "--device", "cpu"]
 
 
 def one_line_error(capsys, argv, *fragments, code=2):
