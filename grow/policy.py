@@ -135,13 +135,15 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
     for _ in range(40):  # cost never decreases as the factor grows: bisection is exact to its last step
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if budget.fits(morph.widened_spec(model, widths(mid))) else (lo, mid)
-    target = {u.name: w for u, w in zip(units, widths(lo).values()) if w > u.width}
-    if max((w - u.width for u, w in zip(units, widths(lo).values())), default=0) < minimum:
+    before = {u.name: u.width for u in units}
+    target = {name: w for name, w in widths(lo).items() if w > before[name]}
+    if not target or max(w - before[name] for name, w in target.items()) < minimum:
         return model, []
     grown = morph.widen(model, target, generator=generator, init=widen_init)
     macs, params = count_macs(grown.spec), count_params(grown.spec)
-    return grown, [Action("widen", u.name, u.width, target[u.name], ratios.get(u.name, 0.0),
-                          f"{reason}: the rest of the budget spent, every layer x{lo:.2f}", macs, params) for u in units if u.name in target]
+    why = f"{reason}: the rest of the budget spent, every layer x{lo:.2f}"
+    return grown, [Action("widen", name, before[name], w, ratios.get(name, 0.0), why, macs, params)
+                   for name, w in target.items()]
 
 
 def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages, extend):

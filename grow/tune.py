@@ -32,9 +32,9 @@ from grow.report import Reporter
 
 # name -> (GrowConfig field, low, high, log scale). Why these ranges: DessiLBI's weight step is
 # lr * kappa, and the defaults (lr 1.0, kappa 0.1) make it the usual 0.1 of SGD on small images;
-# lr and kappa each range over a decade and more on both sides of them, kappa up to the paper's 1
-# and beyond (it scales the pull towards Gamma and Gamma itself); the path speed (lr * steps / mu per round) from "Gamma barely moves in a
-# round" to "everything is selected within a round"; tau from lenient to strict.
+# lr and kappa each range over a decade and more around them, kappa past the paper's 1 (it scales
+# the pull towards Gamma and Gamma itself); the path speed (lr * steps / mu per round) from "Gamma
+# barely moves in a round" to "everything is selected within a round"; tau from lenient to strict.
 SEARCH_SPACE = {
     "lr": ("lr", 0.05, 3.0, True),
     "kappa": ("kappa", 0.03, 2.0, True),

@@ -5,7 +5,7 @@ import torch
 import search_spaces
 from grow import morph
 from grow.cost import count_macs, count_params
-from grow.policy import Budget, paced, plan_growth
+from grow.policy import Budget, fill_budget, paced, plan_growth
 from grow.spec import build
 
 
@@ -156,7 +156,6 @@ def test_at_most_the_asked_number_of_stages_deepen_in_a_round_the_cheapest_first
 def test_fill_budget_widens_every_layer_by_one_factor_within_the_budget():
     """The fill keeps the grown shape's proportions (one factor for every unit), stays within the
     budget, and is the widest such step: one more filter everywhere would not fit."""
-    from grow.policy import fill_budget
     model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
     before = {u.name: u.width for u in morph.units(model)}
     budget = Budget(macs=4 * count_macs(model.spec))
