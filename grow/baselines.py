@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import search_spaces
-from grow.policy import Budget
+from grow.policy import Budget, largest_factor
 from grow.spec import ArchSpec
 from search_spaces.common import large
 
@@ -27,19 +27,11 @@ LARGE_HAND_SHAPES = {**HAND_SHAPES, "resnet": {"shallow": "seed", "classic": "re
 
 def width_factor(spec: ArchSpec, budget: Budget, *, max_factor: float = 64.0) -> float:
     """The largest factor by which every width of `spec` can be multiplied with its MACs and
-    parameters within `budget`.
-
-    Widths are rounded per layer, so cost is a step function of the factor; it never decreases
-    as the factor grows, which makes bisection on the factor exact up to its last step.
-    """
+    parameters within `budget` (grow.policy.largest_factor)."""
     family = search_spaces.get(spec.family)
-    lo, hi = 1e-3, max_factor
-    if not budget.fits(family.scale(spec, lo)):
+    if not budget.fits(family.scale(spec, 1e-3)):
         raise ValueError(f"even the narrowest {spec.family} of this shape exceeds the budget")
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if budget.fits(family.scale(spec, mid)) else (lo, mid)
-    return lo
+    return largest_factor(lambda f: budget.fits(family.scale(spec, f)), 1e-3, max_factor)
 
 
 def scale_to_budget(spec: ArchSpec, budget: Budget) -> ArchSpec:

@@ -565,10 +565,15 @@ def training_macs(history: dict) -> int:
     for r in history["rounds"]:
         total += sum(3 * r["macs"] * e["images"] for e in r["epochs"])
     finetune = history.get("finetune") or {"epochs": []}
-    # The fine-tuned network: the last round's, grown once more where --fill-by ended growth.
-    final_macs = finetune.get("macs", history["rounds"][-1]["macs"] if history["rounds"] else 0)
-    total += sum(3 * final_macs * e["images"] for e in finetune["epochs"])
+    total += sum(3 * finetuned_macs(history) * e["images"] for e in finetune["epochs"])
     return total
+
+
+def finetuned_macs(history: dict) -> int:
+    """MACs of the fine-tuned network: the last round's, grown once more where --fill-by ended growth
+    (histories written before the fine-tune recorded its MACs: the last round's)."""
+    last_round = history["rounds"][-1]["macs"] if history["rounds"] else 0
+    return (history.get("finetune") or {}).get("macs", last_round)
 
 
 def _plot(out: Path, history: dict, reporter: Reporter) -> None:

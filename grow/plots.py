@@ -61,8 +61,8 @@ def plot_history(history: dict, out: str | Path) -> list[Path]:
         ax.annotate(str(r["round"]), (m, a), fontsize=8, xytext=(3, 3), textcoords="offset points")
     finetuned = (history.get("finetune") or {}).get("epochs") or []
     if finetuned and finetuned[-1]["val_accuracy"] is not None:
-        final = history["finetune"].get("macs", history["rounds"][-1]["macs"]) / 1e6
-        ax.plot([final], [finetuned[-1]["val_accuracy"]], marker="*", markersize=12,
+        from grow.controller import finetuned_macs
+        ax.plot([finetuned_macs(history) / 1e6], [finetuned[-1]["val_accuracy"]], marker="*", markersize=12,
                 linestyle="none", label="after fine-tune")
     ax.set(xlabel="MACs per image (millions)", ylabel="validation accuracy", title="accuracy against cost")
     ax.legend(fontsize=8)

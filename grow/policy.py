@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -119,6 +119,17 @@ def paced(budget: Budget, model: nn.Module, rounds_left: int) -> Budget:
     return Budget(part(budget.macs, count_macs(spec)), part(budget.params, count_params(spec)))
 
 
+def largest_factor(fits: Callable[[float], bool], lo: float, hi: float) -> float:
+    """The largest factor in [lo, hi) for which `fits` holds, given that it holds at `lo`.
+
+    Widths are rounded per layer, so cost is a step function of a width factor; it never decreases
+    as the factor grows, which makes bisection on the factor exact up to its last step."""
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, reason: str,
                 generator: Optional[torch.Generator] = None, widen_init: str = "split", minimum: int = 1,
                 max_factor: float = 64.0) -> tuple[nn.Module, list[Action]]:
@@ -131,10 +142,7 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
     def widths(factor: float) -> dict[str, int]:
         return {u.name: max(u.width, int(round(u.width * factor))) for u in units}
 
-    lo, hi = 1.0, max_factor
-    for _ in range(40):  # cost never decreases as the factor grows: bisection is exact to its last step
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if budget.fits(morph.widened_spec(model, widths(mid))) else (lo, mid)
+    lo = largest_factor(lambda f: budget.fits(morph.widened_spec(model, widths(f))), 1.0, max_factor)
     before = {u.name: u.width for u in units}
     target = {name: w for name, w in widths(lo).items() if w > before[name]}
     if not target or max(w - before[name] for name, w in target.items()) < minimum:
