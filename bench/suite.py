@@ -26,10 +26,12 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -143,10 +145,44 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     return rows
 
 
+def paired(per_seed: dict[int, dict[str, dict]], row: str, baseline: str, key: str = "test_accuracy") -> Optional[dict]:
+    """`row` minus `baseline` seed by seed, with a 95% confidence interval of the mean difference.
+
+    Every row of a seed trains on the same splits and is scored on the same test pictures, so the
+    per-seed differences carry less noise than the two rows' means do; a Student t interval on them
+    says whether a lead is more than the seeds' spread. None when fewer than one seed has both rows."""
+    diffs = [r[row][key] - r[baseline][key] for r in per_seed.values() if row in r and baseline in r]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"seeds": 1, "mean": mean, "std": 0.0, "low": None, "high": None}
+    from scipy.stats import t
+    std = statistics.stdev(diffs)
+    half = t.ppf(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
+    return {"seeds": len(diffs), "mean": mean, "std": std, "low": mean - half, "high": mean + half}
+
+
+def comparisons(per_seed: dict[int, dict[str, dict]], rows: dict[str, dict]) -> dict[str, dict]:
+    """grown against the classic member and against the best hand shape: the paired difference in
+    test accuracy (see `paired`) and the ratio of training compute."""
+    hand = [n for n in ("classic", "shallow", "deep") if n in rows]
+    if "grown" not in rows or not hand:
+        return {}
+    best = max(hand, key=lambda n: rows[n]["test_accuracy"])
+    out = {}
+    for name in dict.fromkeys(["classic", best]):
+        if name in rows:
+            diff = paired(per_seed, "grown", name)
+            if diff is not None:
+                out[f"grown - {name}"] = {**diff, "compute": rows["grown"]["train_macs"] / rows[name]["train_macs"]}
+    return out
+
+
 ORDER = ["grown", "grown-scratch", "classic", "shallow", "deep"]
 
 
-def markdown(rows: dict[str, dict], title: str) -> str:
+def markdown(rows: dict[str, dict], title: str, differences: Optional[dict[str, dict]] = None) -> str:
     lines = [f"**{title}**", "", "| network | test acc (mean +- std) | per seed | MACs | params | train MACs | seconds |",
              "|---|---|---|---|---|---|---|"]
     names = [n for n in ORDER if n in rows] + [n for n in rows if n not in ORDER]
@@ -156,16 +192,13 @@ def markdown(rows: dict[str, dict], title: str) -> str:
         per = ", ".join(f"{a * 100:.1f}" for a in r["test_accuracies"])
         lines.append(f"| {label} | {r['test_accuracy'] * 100:.2f} +- {r['test_accuracy_std'] * 100:.2f} | {per} | "
                      f"{human(r['macs'])} | {human(r['params'])} | {human(r['train_macs'])} | {r['seconds']:.0f} |")
-    hand = [n for n in ("classic", "shallow", "deep") if n in rows]
-    if "grown" in rows and hand:
-        g = rows["grown"]
+    if differences:
         lines.append("")
-        best = max(hand, key=lambda n: rows[n]["test_accuracy"])
-        for name in dict.fromkeys(["classic", best]):
-            if name in rows:
-                b = rows[name]
-                lines.append(f"grown - {name}: {100 * (g['test_accuracy'] - b['test_accuracy']):+.2f} pt test accuracy "
-                             f"at {g['train_macs'] / b['train_macs']:.2f}x the training compute")
+    for name, d in (differences or {}).items():
+        interval = ("" if d["low"] is None else
+                    f" (95% CI {100 * d['low']:+.2f} to {100 * d['high']:+.2f}, {d['seeds']} paired seeds)")
+        lines.append(f"{name}: {100 * d['mean']:+.2f} pt test accuracy{interval} at {d['compute']:.2f}x the "
+                     f"training compute")
     return "\n".join(lines)
 
 
@@ -220,10 +253,11 @@ def main() -> None:
     summary = summarise(per_seed)
     title = (f"{args.dataset}, {args.space}, budget {budget} MACs, {base.total_epochs()} epochs, "
              f"{len(per_seed)} seed(s)")
-    table = markdown(summary, title)
+    differences = comparisons(per_seed, summary)
+    table = markdown(summary, title, differences)
     print("\n" + table)
     write_json(out / "suite.json", {"scenario": scenario, "config": base.to_dict(), "rows": summary,
-                                    "per_seed": {str(k): v for k, v in per_seed.items()}})
+                                    "differences": differences, "per_seed": {str(k): v for k, v in per_seed.items()}})
     (out / "suite.md").write_text(table + "\n")
     plot(summary, out / "accuracy_compute.png", title)
 

@@ -67,3 +67,24 @@ def test_every_row_trains_the_same_epochs_on_the_same_data(tmp_path):
     cached = json.loads((tmp_path / "seed-0" / "classic.json").read_text())
     assert cached["test_accuracy"] == results["classic"]["test_accuracy"]
     assert suite.run_seed(config, ["classic"], tmp_path)["classic"] == cached
+
+
+def test_grown_against_a_baseline_is_a_paired_difference_with_a_t_interval():
+    suite = _suite()
+
+    def row(acc):
+        return {"test_accuracy": acc, "macs": 1, "params": 1, "train_macs": 1, "seconds": 1}
+
+    per_seed = {s: {"grown": row(g), "shallow": row(b), "classic": row(0.5)}
+                for s, (g, b) in enumerate([(0.71, 0.70), (0.73, 0.71), (0.75, 0.72)])}
+    d = suite.paired(per_seed, "grown", "shallow")
+    assert d["seeds"] == 3 and d["mean"] == pytest.approx(0.02)
+    # differences 0.01, 0.02, 0.03: sd 0.01, t(0.975, 2 df) = 4.303 -> half-width 0.02484
+    assert (d["low"], d["high"]) == (pytest.approx(0.02 - 0.02484, abs=1e-5), pytest.approx(0.02 + 0.02484, abs=1e-5))
+    table = suite.markdown(suite.summarise(per_seed), "t", suite.comparisons(per_seed, suite.summarise(per_seed)))
+    assert "grown - shallow: +2.00 pt test accuracy (95% CI -0.48 to +4.48, 3 paired seeds)" in table
+    assert "grown - classic: +23.00 pt" in table
+    # A seed missing one of the rows does not count; one seed gives no interval.
+    del per_seed[1]["grown"], per_seed[2]["grown"]
+    assert suite.paired(per_seed, "grown", "shallow") == {"seeds": 1, "mean": pytest.approx(0.01), "std": 0.0,
+                                                          "low": None, "high": None}
