@@ -150,7 +150,7 @@ def paired(per_seed: dict[int, dict[str, dict]], row: str, baseline: str, key: s
 
     Every row of a seed trains on the same splits and is scored on the same test pictures, so the
     per-seed differences carry less noise than the two rows' means do; a Student t interval on them
-    says whether a lead is more than the seeds' spread. None when fewer than one seed has both rows."""
+    says whether a lead is more than the seeds' spread. None when no seed has both rows."""
     diffs = [r[row][key] - r[baseline][key] for r in per_seed.values() if row in r and baseline in r]
     if not diffs:
         return None

@@ -81,7 +81,8 @@ def test_grown_against_a_baseline_is_a_paired_difference_with_a_t_interval():
     assert d["seeds"] == 3 and d["mean"] == pytest.approx(0.02)
     # differences 0.01, 0.02, 0.03: sd 0.01, t(0.975, 2 df) = 4.303 -> half-width 0.02484
     assert (d["low"], d["high"]) == (pytest.approx(0.02 - 0.02484, abs=1e-5), pytest.approx(0.02 + 0.02484, abs=1e-5))
-    table = suite.markdown(suite.summarise(per_seed), "t", suite.comparisons(per_seed, suite.summarise(per_seed)))
+    rows = suite.summarise(per_seed)
+    table = suite.markdown(rows, "t", suite.comparisons(per_seed, rows))
     assert "grown - shallow: +2.00 pt test accuracy (95% CI -0.48 to +4.48, 3 paired seeds)" in table
     assert "grown - classic: +23.00 pt" in table
     # A seed missing one of the rows does not count; one seed gives no interval.
