@@ -44,13 +44,14 @@ from grow.cost import count_macs, count_params  # noqa: E402
 from grow.data import load_dataset  # noqa: E402
 from grow.fileio import write_json  # noqa: E402
 from grow.policy import Budget  # noqa: E402
-from grow.recipe import train_spec  # noqa: E402
+from grow.recipe import Recipe, train_spec  # noqa: E402
 from grow.report import human  # noqa: E402
 from grow.spec import ArchSpec  # noqa: E402
 
 # Schedules of the scenarios: (epochs per round, max rounds, fine-tune epochs).
 SCHEDULES = {"cifar10": (2, 10, 10), "fashion-mnist": (1, 5, 3)}
 SCRATCH_LR = 0.1  # peak lr of the networks trained from scratch
+SCRATCH_WARMUP = Recipe().warmup  # ... and their warm-up (the grown network's fine-tune has a shorter one)
 QUICK = {"epochs_per_round": 1, "max_rounds": 3, "finetune_epochs": 2, "train_subset": 3000}
 
 
@@ -77,7 +78,7 @@ def splits_of(config: GrowConfig):
 
 def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int, lr: float = SCRATCH_LR) -> dict:
     splits = splits_of(config)
-    recipe = dataclasses.replace(config.recipe(), lr=lr)
+    recipe = dataclasses.replace(config.recipe(), lr=lr, warmup=SCRATCH_WARMUP)
     result = train_spec(spec, splits, epochs, recipe, seed=config.seed, batch_size=config.batch_size,
                         augment=config.augments(), include_val=True)
     macs = count_macs(spec)

@@ -102,6 +102,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
                    help="peak lr of the fine-tune's one-cycle schedule (default %(default)s)")
+    g.add_argument("--finetune-warmup", type=float, default=d.finetune_warmup,
+                   help="share of the fine-tune's steps spent rising to that peak (default %(default)s)")
     g.add_argument("--kappa", type=float, default=d.kappa)
     g.add_argument("--mu", type=float, default=None, help="default: chosen from the round length (see --path-per-round)")
     g.add_argument("--path-per-round", type=float, default=d.path_per_round,

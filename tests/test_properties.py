@@ -207,7 +207,7 @@ FLAG_VALUES = {
     "--dataset": ["synthetic", "cifar10", "imagefolder", "", "mnist "], "--data-dir": ["/nonexistent", "", "."],
     "--budget-flops": ["2M", "0", "-1", "1e3M", "abc", "1e30", "inf"], "--budget-params": ["10K", "0", "x"],
     "--epochs-per-round": ["1", "0", "-2", "1.5", "x"], "--max-rounds": ["3", "0", "-1"],
-    "--finetune-epochs": ["0", "-1", "x"], "--lr": ["0.1", "0", "-1", "nan", "inf", "x"],
+    "--finetune-epochs": ["0", "-1", "x"], "--finetune-warmup": ["0.05", "1", "nan"], "--lr": ["0.1", "0", "-1", "nan", "inf", "x"],
     "--tau": ["0.9", "0", "2", "nan"], "--batch-size": ["64", "0", "-3"], "--space": ["vgg", "resnet", "lstm"],
     "--val-fraction": ["0.1", "0", "1", "-0.5", "x"], "--train-subset": ["100", "0", "-5"],
     "--widen-ratio": ["0.5", "-1"], "--widen-min": ["4", "0"], "--kappa": ["1", "0", "-1"], "--mu": ["20", "0", "-5"],

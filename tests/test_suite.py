@@ -5,9 +5,11 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 import search_spaces
 from grow.baselines import HAND_SHAPES, classic_seed, hand_shapes, scale_to_budget, width_factor
+from grow.controller import GrowConfig
 from grow.cost import count_macs, count_params
 from grow.policy import Budget
 from tests.helpers import ROOT, tiny_config
@@ -89,3 +91,30 @@ def test_grown_against_a_baseline_is_a_paired_difference_with_a_t_interval():
     del per_seed[1]["grown"], per_seed[2]["grown"]
     assert suite.paired(per_seed, "grown", "shallow") == {"seeds": 1, "mean": pytest.approx(0.01), "std": 0.0,
                                                           "low": None, "high": None}
+
+
+def _peak_step(recipe, steps: int = 100) -> int:
+    """The step (counted from 1) whose lr is the highest of a one-cycle over `steps` steps."""
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = recipe.optimizer(model, steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return 1 + max(range(steps), key=lrs.__getitem__)
+
+
+def test_the_fine_tune_warms_up_shorter_than_the_suites_fixed_rows(tmp_path, monkeypatch):
+    """The grown network is already trained, so its fine-tune reaches its peak lr after 5% of the
+    steps; the networks the suite trains from scratch keep the 15% warm-up that suits them."""
+    config = tiny_config(tmp_path / "grown", train_subset=300, val_fraction=0.05, budget_macs=600_000)
+    assert _peak_step(config.recipe()) == 5
+    assert _peak_step(GrowConfig(finetune_warmup=0.3).recipe()) == 30
+    suite = _suite()
+    used = []
+    real = suite.train_spec
+    monkeypatch.setattr(suite, "train_spec", lambda spec, splits, epochs, recipe, **kw: (
+        used.append(recipe), real(spec, splits, epochs, recipe, **kw))[1])
+    suite.run_fixed(hand_shapes("vgg", (3, 16, 16), 10)["shallow"], config, epochs=1)
+    assert [r.warmup for r in used] == [0.15] and _peak_step(used[0]) == 15
