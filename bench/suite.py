@@ -122,6 +122,15 @@ def run_seed(config: GrowConfig, rows: list[str], out: Path, scratch_lr: float =
     return results
 
 
+HAND_ROWS = ("shallow", "classic", "deep")
+
+
+def best_hand_shape(rows: dict[str, dict]) -> Optional[str]:
+    """The hand shape with the best mean test accuracy (ties: the first of HAND_ROWS), None if none ran."""
+    hand = [n for n in HAND_ROWS if n in rows]
+    return max(hand, key=lambda n: rows[n]["test_accuracy"]) if hand else None
+
+
 def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """Mean and standard deviation of every figure of every row over the seeds, plus best-of-K."""
     rows: dict[str, dict] = {}
@@ -135,9 +144,9 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
             row[key + "_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
         row["test_accuracies"] = [v["test_accuracy"] for v in values]
         rows[name] = row
-    hand = [n for n in ("shallow", "classic", "deep") if n in rows]
+    hand = [n for n in HAND_ROWS if n in rows]
     if len(hand) > 1:
-        best = max(hand, key=lambda n: rows[n]["test_accuracy"])
+        best = best_hand_shape(rows)
         k = len(hand)
         rows[f"best of {k} hand shapes"] = {
             **rows[best], "best": best, "train_macs": k * rows[best]["train_macs"],
@@ -167,10 +176,9 @@ def paired(per_seed: dict[int, dict[str, dict]], row: str, baseline: str, key: s
 def comparisons(per_seed: dict[int, dict[str, dict]], rows: dict[str, dict]) -> dict[str, dict]:
     """grown against the classic member and against the best hand shape: the paired difference in
     test accuracy (see `paired`) and the ratio of training compute."""
-    hand = [n for n in ("classic", "shallow", "deep") if n in rows]
-    if "grown" not in rows or not hand:
+    best = best_hand_shape(rows)
+    if "grown" not in rows or best is None:
         return {}
-    best = max(hand, key=lambda n: rows[n]["test_accuracy"])
     out = {}
     for name in dict.fromkeys(["classic", best]):
         if name in rows:
