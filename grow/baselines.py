@@ -21,7 +21,7 @@ HAND_SHAPES = {
     "resnet": {"shallow": "seed", "classic": "resnet20", "deep": "resnet32"},
     "mobilenet": {"shallow": "seed", "classic": "mobilenetv2"},
 }
-# From 128 pixels up (search_spaces.common.STRIDED_FROM) a practitioner takes the ImageNet members.
+# Above 64 pixels (search_spaces.common.STRIDED_FROM) a practitioner takes the ImageNet members.
 LARGE_HAND_SHAPES = {**HAND_SHAPES, "resnet": {"shallow": "seed", "classic": "resnet18", "deep": "resnet34"}}
 
 

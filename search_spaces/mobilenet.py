@@ -57,7 +57,7 @@ def _copy(body: dict) -> dict:
 
 def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, width: Optional[int] = None) -> ArchSpec:
     """Stem w, three stages of one block (widths w, 2w, 3w; expansion 2), a 1x1 head of 8w (w = 8).
-    From 128 pixels up, MobileNetV2's total stride of 32: a stride-2 stem, every stage at stride 2
+    Above 64 pixels, MobileNetV2's total stride of 32: a stride-2 stem, every stage at stride 2
     and a fourth stage of 4w (on 224x224 the blocks run at 56, 28, 14 and 7 pixels)."""
     w = width or 8
     stages = [{"width": w, "stride": 1, "blocks": [2 * w]}, {"width": 2 * w, "stride": 2, "blocks": [2 * w]},
@@ -79,7 +79,7 @@ def classic(name: str, input_shape, num_classes: int, normalization: Optional[di
     3.506M parameters against torchvision's 300.8M and 3.505M."""
     if name != "mobilenetv2":
         raise SpecError(f"unknown mobilenet member {name!r}; known: mobilenetv2")
-    small = min(input_shape[1:]) <= 64
+    small = not large(input_shape)
     stages, c = [], 32
     for i, (t, width, n, stride) in enumerate(V2):
         stride = 1 if small and i == 1 else stride

@@ -5,7 +5,7 @@ output width shared by the stem (stage 0), its projection shortcut and every blo
 (they add into one stream), and each block has its own inner width. Stages after the first start
 with a stride-2 block and a 1x1 projection shortcut. The stem is CIFAR's 3x3 conv ("plain") or
 ImageNet's 7x7 stride-2 conv and 3x3 stride-2 max-pool ("strided"). ResNet-20/32/56/110 (CIFAR)
-and ResNet-18/34 (basic blocks; strided stem from 128 pixels up) are members.
+and ResNet-18/34 (basic blocks; strided stem above 64 pixels) are members.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _copy(spec: ArchSpec) -> list[dict]:
 
 
 def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, width: Optional[int] = None) -> ArchSpec:
-    """Three stages of one block each, widths w, 2w, 4w (w = 8). From 128 pixels up: the strided
+    """Three stages of one block each, widths w, 2w, 4w (w = 8). Above 64 pixels: the strided
     stem and a fourth stage of 8w, so the stages run at ResNet-18's 56, 28, 14 and 7 pixels on
     224x224 (24M MACs, most of them in the stem)."""
     w = width or 8
@@ -66,7 +66,7 @@ def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, wi
 
 def classic(name: str, input_shape, num_classes: int, normalization: Optional[dict] = None) -> ArchSpec:
     """ResNet-20/32/56/110 as on CIFAR (He et al. 2016, section 4.2); ResNet-18/34 as on ImageNet
-    (1.82G and 3.67G MACs on 3x224x224), with CIFAR's plain stem below 128 pixels."""
+    (1.82G and 3.67G MACs on 3x224x224), with CIFAR's plain stem up to 64 pixels."""
     if name in IMAGENET_BLOCKS:
         stages = [{"width": w, "blocks": [w] * n} for w, n in zip((64, 128, 256, 512), IMAGENET_BLOCKS[name])]
         body = {"stages": stages, "stem": "strided"} if large(input_shape) else {"stages": stages}

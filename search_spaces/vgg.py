@@ -3,7 +3,7 @@
 body: {"stages": [[w, w, ...], ...], "stem": "plain"}: every conv has its own width. Global average
 pooling and one linear classifier end the network. A stage is pooled after only while the image is
 at least 2 pixels on a side, so the family works from 28x28 digits to 224x224 photos. With "stem":
-"strided" (the seed's choice from 128 pixels up) the first conv is a 7x7 at stride 2 followed by a
+"strided" (the seed's choice above 64 pixels) the first conv is a 7x7 at stride 2 followed by a
 3x3 max-pool at stride 2, as ResNet's ImageNet stem; VGG-11/16 keep VGG's own 3x3 first layer.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, wi
     """One conv per stage, widths w, 2w, 4w, 8w (w = 8), with as many stages (up to four) as
     halvings leave the image at least 3 pixels wide: about 0.7M MACs on 28x28 or 32x32.
     The low-resolution stages are cheap per filter, so growth has room to add capacity there.
-    From 128 pixels up the first conv is the strided stem (17.5M MACs on 224x224 instead of 54M,
+    Above 64 pixels the first conv is the strided stem (17.5M MACs on 224x224 instead of 54M,
     its four stages at 56, 28, 14 and 7 pixels as ResNet-18's)."""
     w = width or 8
     strided = large(input_shape)

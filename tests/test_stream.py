@@ -276,8 +276,9 @@ def test_seeds_for_large_inputs_stride_early_and_small_inputs_keep_their_seed(fa
     assert features["hw"] == (7, 7)  # ImageNet networks' last resolution
     stem = "stem_stride" if family == "mobilenet" else "stem"  # mobilenet's "stem" is the stem's width
     assert spec.body[stem] == (2 if family == "mobilenet" else "strided")
-    for shape in ((3, 32, 32), (3, 127, 127)):
+    for shape in ((3, 32, 32), (3, 64, 64)):
         assert f.seed(shape, 10).body.get(stem, 1) in (1, 8)  # the plain stem of small inputs
+    assert f.seed((3, 65, 65), 10).body[stem] == spec.body[stem]  # from 65 pixels on, the strided one
 
 
 @pytest.mark.parametrize("family", ["vgg", "resnet"])
