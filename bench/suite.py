@@ -51,7 +51,7 @@ from grow.spec import ArchSpec  # noqa: E402
 # Schedules of the scenarios: (epochs per round, max rounds, fine-tune epochs).
 SCHEDULES = {"cifar10": (2, 10, 10), "fashion-mnist": (1, 5, 3)}
 SCRATCH_LR = 0.1  # peak lr of the networks trained from scratch
-SCRATCH_WARMUP = Recipe().warmup  # ... and their warm-up (the grown network's fine-tune has a shorter one)
+SCRATCH_WARMUP = Recipe().warmup  # ... and their warm-up, whatever --finetune-warmup gives the grown network
 QUICK = {"epochs_per_round": 1, "max_rounds": 3, "finetune_epochs": 2, "train_subset": 3000}
 
 

@@ -5,10 +5,10 @@ baselines of bench/suite.py, so that a comparison between them is a comparison o
 and growth, not of training tricks. SGD with Nesterov momentum, a one-cycle schedule (a short warm-up
 to the peak lr, then cosine annealing to nearly zero) and label smoothing 0.1: on the 5,170 real
 CIFAR-10 pictures this recipe was worth 5-7 points over a plain cosine schedule without smoothing
-(bench/RESULTS.md), more than any architecture decision. Only the peak lr and the warm-up differ:
-0.1 and 15% of the steps (Recipe's defaults) from scratch, 0.2 and 5% for the fine-tune of a
-warm-started grown network (GrowConfig.finetune_lr, GrowConfig.finetune_warmup), each the better
-for its case on the CIFAR-10 pictures.
+(bench/RESULTS.md), more than any architecture decision. Only the peak lr differs: 0.1 (Recipe's
+default) from scratch, 0.2 for the fine-tune of a warm-started grown network (GrowConfig.finetune_lr),
+each the better of the two for its case on the CIFAR-10 pictures. The warm-up (15% of the steps) is
+the same for both; GrowConfig.finetune_warmup can change the fine-tune's.
 """
 from __future__ import annotations
 

@@ -105,10 +105,12 @@ def _peak_step(recipe, steps: int = 100) -> int:
     return 1 + max(range(steps), key=lrs.__getitem__)
 
 
-def test_the_fine_tune_warms_up_shorter_than_the_suites_fixed_rows(tmp_path, monkeypatch):
-    """The grown network is already trained, so its fine-tune reaches its peak lr after 5% of the
-    steps; the networks the suite trains from scratch keep the 15% warm-up that suits them."""
-    config = tiny_config(tmp_path / "grown", train_subset=300, val_fraction=0.05, budget_macs=600_000)
+def test_the_fine_tune_warm_up_is_an_option_and_the_suites_fixed_rows_keep_the_recipes(tmp_path, monkeypatch):
+    """--finetune-warmup moves the fine-tune's peak lr; the networks the suite trains from scratch
+    keep the recipe's 15% warm-up whatever the grown row was given, so the rows stay comparable."""
+    assert _peak_step(GrowConfig().recipe()) == 15
+    config = tiny_config(tmp_path / "grown", finetune_warmup=0.05, train_subset=300, val_fraction=0.05,
+                         budget_macs=600_000)
     assert _peak_step(config.recipe()) == 5
     assert _peak_step(GrowConfig(finetune_warmup=0.3).recipe()) == 30
     suite = _suite()
