@@ -57,8 +57,8 @@ def conv_row(name: str, cin: int, cout: int, kernel: int, stride: int, hw: tuple
 # ImageNet members): photos carry little per pixel, and a network that keeps full resolution through
 # its first layers spends most of its MACs there (resnet20 at 224x224: 2G MACs). Above 64 pixels, as
 # MobileNetV2's CIFAR adaptation draws the line: with the line at 128, the seeds of 65-127 pixel
-# pictures cost up to 3x (vgg) and 7x (mobilenet) what they cost at 128, and a 96x96 vgg seed (9.95M
-# MACs) did not fit a 5M budget that fits the seed of 128x128 pictures.
+# pictures cost up to 3x (vgg), 6x (resnet) and 8x (mobilenet) what they cost at 128, and a 96x96
+# vgg seed (9.95M MACs) did not fit a 5M budget that fits the seed of 128x128 pictures.
 STRIDED_FROM = 65
 # "plain": the first conv is a 3x3 at stride 1 (CIFAR networks). "strided": a 7x7 conv at stride 2,
 # then a 3x3 max-pool at stride 2, as in ResNet-18/50 on ImageNet: a quarter of the resolution.

@@ -340,7 +340,8 @@ def test_params_with_values_of_the_wrong_type(capsys, tmp_path, content, fragmen
 @pytest.mark.parametrize("flags, fragment", [
     (["--epochs-per-round", "-1"], "epochs-per-round"), (["--max-rounds", "0"], "max-rounds"),
     (["--finetune-epochs", "-3"], "finetune-epochs"), (["--lr", "nan"], "lr"), (["--lr", "-0.1"], "lr"),
-    (["--tau", "1.5"], "tau"), (["--finetune-warmup", "1"], "finetune-warmup"), (["--batch-size", "0"], "batch-size"), (["--budget-flops", "-5"], "-5"),
+    (["--tau", "1.5"], "tau"), (["--batch-size", "0"], "batch-size"), (["--budget-flops", "-5"], "-5"),
+    (["--finetune-warmup", "1"], "finetune-warmup"),
     (["--budget-flops", "inf"], "inf"), (["--epochs-per-round", "two"], "two"), (["--space", "lstm"], "lstm"),
     (["--dataset", "imagenet"], "imagenet"), (["--device", "tpu"], "tpu"), (["--val-fraction", "1"], "validation"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "/nonexistent"),
