@@ -133,4 +133,7 @@ def test_no_picture_size_makes_the_seed_dearer_than_224_pixels(family):
     at_224 = count_macs(seed((3, 224, 224), 10))
     for size in range(28, 225, 4):
         assert count_macs(seed((3, size, size), 10)) <= at_224, size
+
+
+def test_a_96_pixel_vgg_seed_fits_a_5m_budget():
     assert count_macs(search_spaces.get("vgg").seed((3, 96, 96), 10)) < 5_000_000
