@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from grow.baselines import hand_shapes, scale_to_budget  # noqa: E402
 from grow.cli import add_run_arguments, config_from_args  # noqa: E402
-from grow.controller import GrowConfig, grow_network, training_macs  # noqa: E402
+from grow.controller import GrowConfig, grow_network, resolve_device, training_macs  # noqa: E402
 from grow.cost import count_macs, count_params  # noqa: E402
 from grow.data import load_dataset  # noqa: E402
 from grow.fileio import write_json  # noqa: E402
@@ -47,6 +47,7 @@ from grow.policy import Budget  # noqa: E402
 from grow.recipe import Recipe, train_spec  # noqa: E402
 from grow.report import human  # noqa: E402
 from grow.spec import ArchSpec  # noqa: E402
+from grow.train import resolve_precision  # noqa: E402
 
 # Schedules of the scenarios: (epochs per round, max rounds, fine-tune epochs).
 SCHEDULES = {"cifar10": (2, 10, 10), "fashion-mnist": (1, 5, 3)}
@@ -79,8 +80,10 @@ def splits_of(config: GrowConfig):
 def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int, lr: float = SCRATCH_LR) -> dict:
     splits = splits_of(config)
     recipe = dataclasses.replace(config.recipe(), lr=lr, warmup=SCRATCH_WARMUP)
+    device = resolve_device(config.device)  # the grown row's device and precision, for a fair clock
     result = train_spec(spec, splits, epochs, recipe, seed=config.seed, batch_size=config.batch_size,
-                        augment=config.augments(), include_val=True)
+                        augment=config.augments(), include_val=True, device=device,
+                        precision=resolve_precision(config.precision, device))
     macs = count_macs(spec)
     return {"test_accuracy": result["test_accuracy"], "macs": macs, "params": count_params(spec),
             "train_macs": 3 * macs * result["images"], "seconds": result["seconds"], "epochs": epochs,

@@ -21,7 +21,7 @@ from torch import nn
 
 from grow.data import Batches, Splits, TensorSet
 from grow.spec import ArchSpec, build
-from grow.train import EpochStats, evaluate, train_epoch
+from grow.train import EpochStats, evaluate, grad_scaler, train_epoch
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,14 @@ EpochCallback = Callable[[int, EpochStats], None]
 
 def train_spec(spec: ArchSpec, splits: Splits, epochs: int, recipe: Recipe = Recipe(), *, seed: int = 0,
                batch_size: int = 128, augment: bool = True, include_val: bool = True,
-               device: str | torch.device = "cpu", on_epoch: Optional[EpochCallback] = None) -> dict:
+               device: str | torch.device = "cpu", precision: Optional[torch.dtype] = None,
+               on_epoch: Optional[EpochCallback] = None) -> dict:
     """Train the architecture `spec` from scratch with `recipe` for `epochs`; evaluate once on the test split.
 
     With `include_val` the validation split is trained on too: a fixed network makes no decisions
     that need held-out data, so a practitioner trains it on every labelled image.
+    `precision` (torch.bfloat16 or torch.float16; None = float32) is the autocast dtype, as in
+    grow.train.train_epoch.
     Returns the model and its figures (test accuracy, images seen, seconds).
     """
     torch.manual_seed(seed)
@@ -71,14 +74,16 @@ def train_spec(spec: ArchSpec, splits: Splits, epochs: int, recipe: Recipe = Rec
     batches = Batches(data, batch_size, info=splits.info, train=True, device=device, seed=seed, augment=augment)
     optimizer, scheduler = recipe.optimizer(model, epochs * len(batches))
     start, images = time.perf_counter(), 0
+    scaler = grad_scaler(precision, torch.device(device))
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        stats = train_epoch(model, optimizer, batches, scheduler=scheduler,
-                            label_smoothing=recipe.label_smoothing)
+        stats = train_epoch(model, optimizer, batches, scheduler=scheduler, label_smoothing=recipe.label_smoothing,
+                            precision=precision, scaler=scaler)
         images += stats.images
         if on_epoch is not None:
             on_epoch(epoch + 1, stats)
     seconds = time.perf_counter() - start
-    test_loss, test_acc = evaluate(model, Batches(splits.test, 512, info=splits.info, train=False, device=device))
+    test_loss, test_acc = evaluate(model, Batches(splits.test, 512, info=splits.info, train=False, device=device),
+                                   precision=precision)
     return {"model": model, "test_accuracy": test_acc, "test_loss": test_loss, "images": images,
             "seconds": seconds, "epochs": epochs}
