@@ -98,9 +98,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--widen-init", choices=["split", "fresh"], default=d.widen_init,
                    help="new filters: copies of old ones sharing their outgoing weights (split), or random "
                         "with zero outgoing weights (fresh); default %(default)s")
-    g.add_argument("--widen-noise", type=float, default=d.widen_noise,
-                   help="split copies' incoming weights get Gaussian noise of this share of their size, so "
-                        "copies differ from the start (default %(default)s)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--finetune-lr", type=float, default=d.finetune_lr,

@@ -110,7 +110,6 @@ class GrowConfig:
     widen_ratio: float = 0.5
     widen_min: int = 4
     widen_init: str = "split"
-    widen_noise: float = 0.0
     label_smoothing: float = 0.1
     finetune_on_val: bool = True
     seed_shape: str = "small"
@@ -184,8 +183,6 @@ class GrowConfig:
             raise GrowError(f"mu must be positive, got {self.mu}")
         if self.augment not in ("auto", "on", "off"):
             raise GrowError(f"augment must be auto, on or off, got {self.augment!r}")
-        if not 0 <= self.widen_noise < math.inf:
-            raise GrowError(f"widen-noise must be a finite number >= 0, got {self.widen_noise}")
         if self.widen_init not in morph.WIDEN_INITS:
             raise GrowError(f"widen-init must be one of {', '.join(morph.WIDEN_INITS)}, got {self.widen_init!r}")
         if self.order not in ORDERS:
@@ -401,8 +398,7 @@ class _Run:
             budget = paced(self.budget, model, c.pace_rounds - index + 1) if c.pace_rounds else self.budget
             grown, actions, notes = plan_growth(
                 model.cpu(), ratios, budget, tau=c.tau, widen_ratio=c.widen_ratio,
-                widen_min=c.widen_min, generator=generator, widen_init=c.widen_init, widen_noise=c.widen_noise,
-                order=c.order,
+                widen_min=c.widen_min, generator=generator, widen_init=c.widen_init, order=c.order,
                 widened=self.widened_units() if c.deepen == "after-widen" else None,
                 extend_stages=c.extend_stages, max_deepen=c.deepen_per_round or None,
             )
@@ -410,7 +406,7 @@ class _Run:
             if last and index >= last:
                 reason = f"round {index} is the last growth round (--fill-by {last})"
                 grown, filled = fill_budget(grown, self.budget, ratios, reason=reason, generator=generator,
-                                            widen_init=c.widen_init, minimum=c.widen_min, widen_noise=c.widen_noise)
+                                            widen_init=c.widen_init, minimum=c.widen_min)
                 actions, done = actions + filled, True
                 round_record["stop"] = reason
             model.to(self.device)

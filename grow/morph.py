@@ -91,7 +91,7 @@ WIDEN_INITS = ("split", "fresh")
 
 
 def widen(model: nn.Module, widths: dict[str, int], generator: Optional[torch.Generator] = None,
-          init: str = "fresh", noise: float = 0.0) -> nn.Module:
+          init: str = "fresh") -> nn.Module:
     """A new network in which each named unit has the given (larger) width; `model` is untouched.
 
     init "fresh": new filters get random incoming weights and zero outgoing ones (see the module
@@ -99,9 +99,6 @@ def widen(model: nn.Module, widths: dict[str, int], generator: Optional[torch.Ge
     old filter's outgoing weights are shared between it and its copies in random proportions, so
     the function is unchanged, the copies start with the layer's trained features and full
     gradient, and unequal shares make them diverge.
-    `noise` (init "split" only): each copy's incoming weights get Gaussian noise of `noise` times
-    their root mean square, so copies differ from the start. The function then changes a little
-    (through the copies' shares); with 0 it is exact.
     """
     if init not in WIDEN_INITS:
         raise ValueError(f"init must be one of {WIDEN_INITS}, got {init!r}")
@@ -113,14 +110,14 @@ def widen(model: nn.Module, widths: dict[str, int], generator: Optional[torch.Ge
             raise ValueError(f"{name!r} has {current[name]} filters; a new width must be an integer >= that, got {width}")
     if init == "split":
         for name, width in widths.items():  # one unit at a time: its channels are the tensors that grew
-            model = _split(model, _family(model.spec).widen_spec(model.spec, {name: width}), generator, noise)
+            model = _split(model, _family(model.spec).widen_spec(model.spec, {name: width}), generator)
         return model
     spec = _family(model.spec).widen_spec(model.spec, widths)
     return _transfer(model, spec, generator)
 
 
 @torch.no_grad()
-def _split(model: nn.Module, spec: ArchSpec, generator: Optional[torch.Generator], noise: float = 0.0) -> nn.Module:
+def _split(model: nn.Module, spec: ArchSpec, generator: Optional[torch.Generator]) -> nn.Module:
     """Widen the one unit that `spec` widens by copying old channels (see `widen`).
 
     Family-agnostic: every tensor whose dim 0 grew carries the unit's channels as outputs
@@ -145,20 +142,11 @@ def _split(model: nn.Module, spec: ArchSpec, generator: Optional[torch.Generator
         old = old_state[name]
         if t.shape[0] != old.shape[0]:
             t.copy_(_rows_of(old, channels.to(old.device), t))
-            if noise and t.dim() > 1:  # a filter's weights, not BatchNorm's per-channel numbers
-                _perturb_(t[before:], noise, generator)
         if t.dim() > 1 and t.shape[1] != old.shape[1]:  # t holds the old columns, then zeros
             t.copy_(_share_columns(t, channels, shares))
             readers.append(name)
     new._split_log = [*new._split_log, (channels, shares, set(readers))]
     return new
-
-
-def _perturb_(rows: torch.Tensor, noise: float, generator: Optional[torch.Generator]) -> None:
-    """Add Gaussian noise of `noise` times each row's root mean square to `rows`, in place."""
-    rms = rows.flatten(1).pow(2).mean(dim=1).sqrt().view((-1,) + (1,) * (rows.dim() - 1))
-    draw = torch.randn(rows.shape, generator=generator, dtype=torch.float32).to(rows.device, rows.dtype)
-    rows.add_(draw * rms * noise)
 
 
 def _share_columns(t: torch.Tensor, channels: torch.Tensor, shares: Optional[torch.Tensor]) -> torch.Tensor:

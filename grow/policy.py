@@ -83,7 +83,7 @@ def widen_step(width: int, ratio: float, minimum: int) -> int:
     return max(minimum, math.ceil(width * ratio))
 
 
-def _largest_fitting_widen(model, name, width, target, budget, generator, minimum, init, noise=0.0):
+def _largest_fitting_widen(model, name, width, target, budget, generator, minimum, init):
     """Widest version of `name` in [width + minimum, target] that fits the budget, or None:
     a step smaller than `minimum` filters is not worth a round of training. Costs are read from
     specs; only the chosen network is built."""
@@ -102,7 +102,7 @@ def _largest_fitting_widen(model, name, width, target, budget, generator, minimu
             hi = mid - 1
     if best is None:
         return None, None
-    return morph.widen(model, {name: best}, generator=generator, init=init, noise=noise), best
+    return morph.widen(model, {name: best}, generator=generator, init=init), best
 
 
 def paced(budget: Budget, model: nn.Module, rounds_left: int) -> Budget:
@@ -132,7 +132,7 @@ def largest_factor(fits: Callable[[float], bool], lo: float, hi: float) -> float
 
 def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, reason: str,
                 generator: Optional[torch.Generator] = None, widen_init: str = "split", minimum: int = 1,
-                max_factor: float = 64.0, widen_noise: float = 0.0) -> tuple[nn.Module, list[Action]]:
+                max_factor: float = 64.0) -> tuple[nn.Module, list[Action]]:
     """Spend what is left of `budget` at once: every unit widened by one common factor, the largest
     that fits, so the shape growth chose keeps its proportions and trains at full size for the
     rest of the run. Returns the grown model and one widen action per unit that grew; nothing
@@ -147,7 +147,7 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
     target = {name: w for name, w in widths(lo).items() if w > before[name]}
     if not target or max(w - before[name] for name, w in target.items()) < minimum:
         return model, []
-    grown = morph.widen(model, target, generator=generator, init=widen_init, noise=widen_noise)
+    grown = morph.widen(model, target, generator=generator, init=widen_init)
     macs, params = count_macs(grown.spec), count_params(grown.spec)
     why = f"{reason}: the rest of the budget spent, every layer x{lo:.2f}"
     return grown, [Action("widen", name, before[name], w, ratios.get(name, 0.0), why, macs, params)
@@ -180,7 +180,6 @@ def plan_growth(
     widen_min: int,
     generator: Optional[torch.Generator] = None,
     widen_init: str = "fresh",
-    widen_noise: float = 0.0,
     order: str = "ratio",
     widened: Optional[set[str]] = None,
     extend_stages: bool = False,
@@ -229,8 +228,7 @@ def plan_growth(
     skipped: list[str] = []
     for kind, target_of, target, _ in steps:
         if kind == "widen":
-            grown = _widen_step(model, target_of, target, ratios, budget, tau, widen_min, generator, widen_init,
-                                widen_noise)
+            grown = _widen_step(model, target_of, target, ratios, budget, tau, widen_min, generator, widen_init)
         elif kind == "extend":
             grown = _extend_step(model, units, ratios, budget, generator)
         else:
@@ -246,11 +244,11 @@ def plan_growth(
 ORDERS = ("ratio", "cost")
 
 
-def _widen_step(model, unit, target, ratios, budget, tau, widen_min, generator, widen_init, widen_noise=0.0):
+def _widen_step(model, unit, target, ratios, budget, tau, widen_min, generator, widen_init):
     """(grown model, action) for widening `unit` towards `target`, or a note on why it did not fit."""
     current = {u.name: u for u in morph.units(model)}[unit.name]
     grown, width = _largest_fitting_widen(model, unit.name, current.width, target, budget, generator,
-                                          min(widen_min, target - current.width), widen_init, widen_noise)
+                                          min(widen_min, target - current.width), widen_init)
     if grown is None:
         return f"{unit.name}: widening by {widen_min} filters exceeds the budget"
     ratio = ratios[unit.name]
