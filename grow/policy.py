@@ -131,7 +131,7 @@ def largest_factor(fits: Callable[[float], bool], lo: float, hi: float) -> float
 
 
 def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, reason: str,
-                generator: Optional[torch.Generator] = None, widen_init: str = "split", minimum: int = 1,
+                generator: Optional[torch.Generator] = None, widen_init: str = "fresh", minimum: int = 1,
                 max_factor: float = 64.0) -> tuple[nn.Module, list[Action]]:
     """Spend what is left of `budget` at once: every unit widened by one common factor, the largest
     that fits, so the shape growth chose keeps its proportions and trains at full size for the

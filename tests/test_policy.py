@@ -172,3 +172,28 @@ def test_fill_budget_widens_every_layer_by_one_factor_within_the_budget():
     assert one_more and max(a.after - a.before for a in one_more) < 4
     same, none = fill_budget(grown, Budget(macs=int(count_macs(grown.spec) * 1.02)), {}, reason="test", minimum=4)
     assert same is grown and none == []
+
+
+def _twin_share(weight: torch.Tensor) -> float:
+    """Share of a layer's filters with a near-twin (cosine similarity above 0.99) among the others."""
+    w = torch.nn.functional.normalize(weight.detach().flatten(1), dim=1)
+    cos = w @ w.T
+    cos.fill_diagonal_(-1)
+    return float((cos.max(dim=1).values > 0.99).float().mean())
+
+
+def test_growth_by_default_adds_new_filters_not_copies_of_old_ones():
+    """Copied filters never fully part and waste the width they cost (bench/RESULTS.md, seventh wave):
+    a run with the default settings widens with filters of their own."""
+    from grow.controller import GrowConfig
+    init = GrowConfig().widen_init
+    for family in ("vgg", "resnet", "mobilenet"):
+        model = build(search_spaces.get(family).seed((3, 32, 32), 10))
+        grown, _ = fill_budget(model, Budget(macs=2 * count_macs(model.spec)), ratios_for(model), reason="test",
+                               generator=torch.Generator().manual_seed(0), widen_init=init)
+        for unit in morph.units(grown):
+            weight = grown.get_submodule(unit.producers[0]).weight
+            assert _twin_share(weight) == 0.0, (family, unit.name)
+        copied, _ = fill_budget(model, Budget(macs=2 * count_macs(model.spec)), ratios_for(model), reason="test",
+                                generator=torch.Generator().manual_seed(0), widen_init="split")
+        assert max(_twin_share(copied.get_submodule(u.producers[0]).weight) for u in morph.units(copied)) > 0.3

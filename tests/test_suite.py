@@ -1,6 +1,7 @@
 """The suite's baselines: uniform scalings that fit the budget, and rows trained alike."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 
@@ -120,3 +121,24 @@ def test_the_fine_tune_warm_up_is_an_option_and_the_suites_fixed_rows_keep_the_r
         used.append(recipe), real(spec, splits, epochs, recipe, **kw))[1])
     suite.run_fixed(hand_shapes("vgg", (3, 16, 16), 10)["shallow"], config, epochs=1)
     assert [r.warmup for r in used] == [0.15] and _peak_step(used[0]) == 15
+
+
+def test_sweep_table_pairs_each_variant_with_its_baseline_seed_by_seed(tmp_path, capsys):
+    """bench/sweep.py's table: a variant one point ahead on every seed is +1.00 with a zero-width
+    interval, whatever the seeds' spread; a variant of another budget is not compared."""
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "bench" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    entries = []
+    for seed, base in enumerate([0.70, 0.74, 0.68]):
+        entries += [{"name": "g5M-base", "row": "grown", "seed": seed, "budget": "5M", "test_accuracy": base},
+                    {"name": "g5M-new", "row": "grown", "seed": seed, "budget": "5M", "test_accuracy": base + 0.01},
+                    {"name": "g5M-fixed", "row": "shallow", "seed": seed, "budget": "5M", "test_accuracy": 0.7},
+                    {"name": "g20M-base", "row": "grown", "seed": seed, "budget": "20M", "test_accuracy": 0.75}]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    sweep.table(argparse.Namespace(results=str(results), against="g5M-base"))
+    out = capsys.readouterr().out
+    assert "- g5M-base: +1.00 (95% CI +1.00 to +1.00, 3 paired seeds)" in out
+    assert "g5M-fixed/shallow" in out and "g20M-base" in out
+    assert out.count("- g5M-base") == 2  # the new variant and the fixed row; not the 20M one
