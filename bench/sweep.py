@@ -1,7 +1,7 @@
 """Many seeds of several growth variants at once: a pool of bench/suite.py runs, then paired differences.
 
     python bench/sweep.py run JOBS --workers 14 --stop-after 420 --out bench/out/sweep [suite flags]
-    python bench/sweep.py table bench/out/sweep/results.jsonl --against g5M-base,g5M-fixed
+    python bench/sweep.py table bench/out/sweep/results.jsonl --against g5M-base,g5M-fixed/shallow
 
 A variant is worth a default only when its lead over seeds is more than their spread (bench/RESULTS.md:
 five seeds once showed +0.72 for a change worth -0.12). Ten or twenty seeds of four variants are a day
@@ -14,8 +14,10 @@ finished row appends one JSON line (the suite's result, its spec left out, plus 
 to OUT/results.jsonl. Jobs start in file order, so list them seed by seed to make a cut-off run give
 every variant the same seeds; none starts after --stop-after seconds.
 
-`table` prints each variant (NAME, or NAME/ROW for rows other than grown) with its mean and, for each --against variant with the same budget, the paired
-difference with its 95% interval (bench/suite.py's `paired`).
+Name variants SCENARIO-VARIANT (g5M-base, g5M-fresh, r5-base): `table` prints each variant (NAME, or
+NAME/ROW for rows other than grown) with its mean and, for each --against variant of the same SCENARIO
+(the part of the name before the first '-'), the paired difference with its 95% interval
+(bench/suite.py's `paired`).
 """
 from __future__ import annotations
 
@@ -72,18 +74,18 @@ def run(args: argparse.Namespace, flags: list[str]) -> None:
 def table(args: argparse.Namespace) -> None:
     entries = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     per_seed: dict[int, dict[str, dict]] = {}
-    budgets: dict[str, str] = {}
+    scenarios: dict[str, tuple[str, str]] = {}
     for e in entries:  # a variant is its name, and the row where it is not the grown one
         key = e["name"] if e["row"] == "grown" else f"{e['name']}/{e['row']}"
         per_seed.setdefault(e["seed"], {})[key] = e
-        budgets[key] = e["budget"]
+        scenarios[key] = (e["name"].split("-")[0], e["budget"])
     against = [a for a in args.against.split(",") if a]
-    for name in sorted(budgets, key=lambda n: (budgets[n], n)):
+    for name in sorted(scenarios, key=lambda n: (scenarios[n], n)):
         accs = [100 * r[name]["test_accuracy"] for r in per_seed.values() if name in r]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"{name:24s} {len(accs):3d} seeds  {statistics.fmean(accs):6.2f} +- {spread:.2f}")
         for base in against:
-            if base != name and budgets.get(base) == budgets[name]:
+            if base != name and scenarios.get(base) == scenarios[name]:
                 d = paired(per_seed, name, base)
                 if d is not None and d["low"] is not None:
                     print(f"{'':24s} - {base}: {100 * d['mean']:+.2f} (95% CI {100 * d['low']:+.2f} to "
