@@ -142,3 +142,24 @@ def test_sweep_table_pairs_each_variant_with_its_baseline_seed_by_seed(tmp_path,
     assert "- g5M-base: +1.00 (95% CI +1.00 to +1.00, 3 paired seeds)" in out
     assert "g5M-fixed/shallow" in out and "g20M-base" in out
     assert out.count("- g5M-base") == 2  # the new variant and the fixed row; not the 20M one
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_job_and_records_each_row(tmp_path):
+    """bench/sweep.py run: two jobs in parallel, one with two rows; every finished row is one line of
+    results.jsonl naming its variant, row and seed, and the suite's cache holds the runs."""
+    import subprocess
+    import sys
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("# variant seed budget rows flags\n"
+                    "s-base 0 1M grown,shallow --max-rounds 2 --finetune-epochs 1\n"
+                    "s-split 0 1M grown --max-rounds 2 --finetune-epochs 1 --widen-init split\n")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep.py"), "run", str(jobs), "--workers", "2",
+                           "--out", str(tmp_path / "out"), "--dataset", "synthetic", "--epochs-per-round", "1",
+                           "--train-subset", "600"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert sorted((e["name"], e["row"], e["seed"]) for e in entries) == [
+        ("s-base", "grown", 0), ("s-base", "shallow", 0), ("s-split", "grown", 0)]
+    assert all(0 <= e["test_accuracy"] <= 1 and "spec" not in e for e in entries)
+    assert (tmp_path / "out" / "s-split" / "seed-0" / "grown.json").exists()
