@@ -125,7 +125,7 @@ def test_the_fine_tune_warm_up_is_an_option_and_the_suites_fixed_rows_keep_the_r
 
 def test_sweep_table_pairs_each_variant_with_its_baseline_seed_by_seed(tmp_path, capsys):
     """bench/sweep.py's table: a variant one point ahead on every seed is +1.00 with a zero-width
-    interval, whatever the seeds' spread; a variant of another budget is not compared."""
+    interval, whatever the seeds' spread; a variant of another scenario (name prefix) is not compared."""
     spec = importlib.util.spec_from_file_location("sweep", ROOT / "bench" / "sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
