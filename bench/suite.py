@@ -128,9 +128,14 @@ def run_seed(config: GrowConfig, rows: list[str], out: Path, scratch_lr: float =
 HAND_ROWS = ("shallow", "classic", "deep")
 
 
+def hand_rows(rows: dict[str, dict]) -> list[str]:
+    """The hand shapes among `rows`, in HAND_ROWS order."""
+    return [n for n in HAND_ROWS if n in rows]
+
+
 def best_hand_shape(rows: dict[str, dict]) -> Optional[str]:
     """The hand shape with the best mean test accuracy (ties: the first of HAND_ROWS), None if none ran."""
-    hand = [n for n in HAND_ROWS if n in rows]
+    hand = hand_rows(rows)
     return max(hand, key=lambda n: rows[n]["test_accuracy"]) if hand else None
 
 
@@ -147,7 +152,7 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
             row[key + "_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
         row["test_accuracies"] = [v["test_accuracy"] for v in values]
         rows[name] = row
-    hand = [n for n in HAND_ROWS if n in rows]
+    hand = hand_rows(rows)
     if len(hand) > 1:
         best = best_hand_shape(rows)
         k = len(hand)
@@ -178,16 +183,20 @@ def paired(per_seed: dict[int, dict[str, dict]], row: str, baseline: str, key: s
 
 def comparisons(per_seed: dict[int, dict[str, dict]], rows: dict[str, dict]) -> dict[str, dict]:
     """grown against the classic member and against the best hand shape: the paired difference in
-    test accuracy (see `paired`) and the ratio of training compute."""
+    test accuracy (see `paired`) and the ratio of training compute. With grown-scratch, also the
+    split of that lead into the path (grown - grown-scratch: the same shape, warm-started by growth
+    or trained from scratch) and the shape (grown-scratch - the best hand shape, both from scratch)."""
     best = best_hand_shape(rows)
     if "grown" not in rows or best is None:
         return {}
+    pairs = [("grown", name) for name in dict.fromkeys(["classic", best])]
+    pairs += [("grown", "grown-scratch"), ("grown-scratch", best)]
     out = {}
-    for name in dict.fromkeys(["classic", best]):
-        if name in rows:
-            diff = paired(per_seed, "grown", name)
+    for row, name in pairs:
+        if row in rows and name in rows:
+            diff = paired(per_seed, row, name)
             if diff is not None:
-                out[f"grown - {name}"] = {**diff, "compute": rows["grown"]["train_macs"] / rows[name]["train_macs"]}
+                out[f"{row} - {name}"] = {**diff, "compute": rows[row]["train_macs"] / rows[name]["train_macs"]}
     return out
 
 

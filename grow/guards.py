@@ -73,7 +73,8 @@ def check_splits(splits: Any, note: Callable[[str], None], batch_size: Optional[
         raise GrowError(f"{info.name}: the training images fall in {present} class(es) of {info.num_classes}; "
                         "a classifier needs at least two (for imagefolder: one subfolder per class)")
     if len(val) == 0:
-        raise GrowError(f"{info.name}: no validation images (growth decides on them); "
+        raise GrowError(f"{info.name}: no validation images (each round is scored on them, and "
+                        "tune ranks its trials by that score); "
                         "raise --val-fraction or add images")
     if len(test) == 0:
         raise GrowError(f"{info.name}: no test images; add images (imagefolder: a test/ or val/ folder)")

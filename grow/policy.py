@@ -154,8 +154,9 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
                    for name, w in target.items()]
 
 
-def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages, extend):
-    """(kind, target, extra MACs of the full step) of every growth step the ratios ask for."""
+def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend):
+    """(kind, target, extra MACs of the full step) of every growth step the ratios ask for;
+    `deepen_macs` holds the MACs of the network with each stage to deepen one layer deeper."""
     macs = count_macs(model.spec)
     steps = []
     for unit in units:
@@ -163,8 +164,8 @@ def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages
             target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
             spec = morph.widened_spec(model, {unit.name: target})
             steps.append(("widen", unit, target, count_macs(spec) - macs))
-    for stage in deepen_stages:
-        steps.append(("deepen", stage, None, count_macs(morph.deepened_spec(model, stage)) - macs))
+    for stage, deepened in deepen_macs.items():
+        steps.append(("deepen", stage, None, deepened - macs))
     if extend:
         steps.append(("extend", len(morph.deepenable(model)), None, count_macs(morph.extended_spec(model)) - macs))
     return steps
@@ -214,12 +215,13 @@ def plan_growth(
         return bool(members) and all(ratios[u.name] >= tau and (widened is None or u.name in widened)
                                      for u in members)
 
-    deepen_stages = [s for s in stages if full(s)]
+    deepen_macs = {s: count_macs(morph.deepened_spec(model, s)) for s in stages if full(s)}
     if max_deepen is not None:  # the cheapest stages (ties: the earliest)
-        deepen_stages = sorted(deepen_stages, key=lambda s: count_macs(morph.deepened_spec(model, s)))[:max_deepen]
+        cheapest = sorted(deepen_macs, key=deepen_macs.__getitem__)[:max_deepen]
+        deepen_macs = {s: deepen_macs[s] for s in cheapest}
     # A new stage at half resolution when the last stage is as full as a deepening asks for.
     extend = extend_stages and morph.extended_spec(model) is not None and full(max(stages))
-    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_stages, extend)
+    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend)
     if order == "ratio":
         steps.sort(key=lambda st: (st[0] == "deepen", -ratios[st[1].name] if st[0] == "widen" else 0))
     else:

@@ -88,6 +88,14 @@ def test_grown_against_a_baseline_is_a_paired_difference_with_a_t_interval():
     table = suite.markdown(rows, "t", suite.comparisons(per_seed, rows))
     assert "grown - shallow: +2.00 pt test accuracy (95% CI -0.48 to +4.48, 3 paired seeds)" in table
     assert "grown - classic: +23.00 pt" in table
+    assert "grown-scratch" not in table  # no such row, no such line
+    # With the grown shape trained from scratch, the lead splits into path and shape.
+    for s, acc in enumerate([0.70, 0.715, 0.73]):
+        per_seed[s]["grown-scratch"] = row(acc)
+    rows = suite.summarise(per_seed)
+    table = suite.markdown(rows, "t", suite.comparisons(per_seed, rows))
+    assert "grown - grown-scratch: +1.50 pt test accuracy (95% CI" in table
+    assert "grown-scratch - shallow: +0.50 pt test accuracy (95% CI" in table
     # A seed missing one of the rows does not count; one seed gives no interval.
     del per_seed[1]["grown"], per_seed[2]["grown"]
     assert suite.paired(per_seed, "grown", "shallow") == {"seeds": 1, "mean": pytest.approx(0.01), "std": 0.0,
