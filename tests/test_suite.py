@@ -171,3 +171,12 @@ def test_sweep_runs_every_job_and_records_each_row(tmp_path):
         ("s-base", "grown", 0), ("s-base", "shallow", 0), ("s-split", "grown", 0)]
     assert all(0 <= e["test_accuracy"] <= 1 and "spec" not in e for e in entries)
     assert (tmp_path / "out" / "s-split" / "seed-0" / "grown.json").exists()
+
+
+def test_each_scenario_gets_the_issues_schedule():
+    """Fashion-MNIST trains 8 epochs at 3M MACs and grow's default 26 at 10M; CIFAR-10 30 at any budget."""
+    suite = _suite()
+    total = {key: r * m + f for key, (r, m, f) in
+             {k: suite.schedule_of(*k) for k in [("fashion-mnist", 3_000_000), ("fashion-mnist", 10_000_000),
+                                                 ("cifar10", 5_000_000), ("cifar10", 20_000_000)]}.items()}
+    assert list(total.values()) == [8, 26, 30, 30]
