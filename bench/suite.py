@@ -52,15 +52,16 @@ from grow.train import resolve_precision  # noqa: E402
 # Schedules of the issue's scenarios: (epochs per round, max rounds, fine-tune epochs), by dataset and
 # budget in MACs (None: any budget); anything else runs grow's default schedule.
 SCHEDULES = {("cifar10", None): (2, 10, 10), ("fashion-mnist", 3_000_000): (1, 5, 3)}
-DEFAULT_SCHEDULE = (2, 8, 10)
+SCRATCH_LR = 0.1  # peak lr of the networks trained from scratch
+SCRATCH_WARMUP = Recipe().warmup  # ... and their warm-up, whatever --finetune-warmup gives the grown network
+QUICK = {"epochs_per_round": 1, "max_rounds": 3, "finetune_epochs": 2, "train_subset": 3000}
 
 
 def schedule_of(dataset: str, budget_macs: Optional[int]) -> tuple[int, int, int]:
     """The scenario's schedule: Fashion-MNIST at 3M MACs trains 8 epochs, at 10M grow's default 26."""
-    return SCHEDULES.get((dataset, budget_macs), SCHEDULES.get((dataset, None), DEFAULT_SCHEDULE))
-SCRATCH_LR = 0.1  # peak lr of the networks trained from scratch
-SCRATCH_WARMUP = Recipe().warmup  # ... and their warm-up, whatever --finetune-warmup gives the grown network
-QUICK = {"epochs_per_round": 1, "max_rounds": 3, "finetune_epochs": 2, "train_subset": 3000}
+    default = GrowConfig()
+    fallback = (default.epochs_per_round, default.max_rounds, default.finetune_epochs)
+    return SCHEDULES.get((dataset, budget_macs), SCHEDULES.get((dataset, None), fallback))
 
 
 def run_grown(config: GrowConfig) -> dict:
