@@ -90,6 +90,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed-fraction", type=float, default=d.seed_fraction,
                    help="share of the budget the classic-shaped seed costs (default %(default)s)")
     g.add_argument("--epochs-per-round", type=int, default=d.epochs_per_round)
+    g.add_argument("--round-steps", type=int, default=d.round_steps,
+                   help="most batches one round trains, however large the dataset; the fine-tune trains the "
+                        "rest of the round's epochs (0: whole epochs; default %(default)s)")
     g.add_argument("--max-rounds", type=int, default=d.max_rounds)
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
     g.add_argument("--tau", type=float, default=d.tau, help="selection ratio at which a layer is saturated")

@@ -8,6 +8,7 @@ its input itself, so batches are float images in [0, 1].
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -431,3 +432,23 @@ class Batches:
             flip = (torch.rand(n, generator=gen) < 0.5)[mine].to(x.device).view(b, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x
+
+
+class FirstBatches:
+    """The first `steps` batches of every pass over `batches` (a Batches or StreamBatches): a short
+    epoch that still draws each pass's own shuffled order and augmentation (`set_epoch`)."""
+
+    def __init__(self, batches, steps: int):
+        self.batches, self.steps = batches, steps
+
+    def __getattr__(self, name: str):
+        return getattr(self.batches, name)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return min(self.steps, len(self.batches))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return itertools.islice(iter(self.batches), len(self))

@@ -165,3 +165,22 @@ def test_fill_by_spends_the_rest_of_the_budget_and_ends_growth(tmp_path):
     assert final["macs"] > 0.85 * 3_000_000  # the budget is spent, up to the rounding of one factor
     assert len(result.history["finetune"]["epochs"]) == 1 + 2  # --finetune-epochs plus the two unused rounds
     assert result.history["finetune"]["macs"] == final["macs"] > rounds[0]["macs"]
+
+
+def test_round_steps_shortens_rounds_and_the_finetune_trains_what_they_left(tmp_path):
+    """--round-steps 5 on a larger set: every round epoch trains 5 batches, Gamma's path is paced
+    for 5 (mu), and the fine-tune trains the batches left of each, so the run's images stay those
+    of its schedule."""
+    config = tiny_config(tmp_path / "short", train_subset=2000, round_steps=5, max_rounds=3, finetune_epochs=1)
+    result = grow_network(config)
+    rounds, finetune = result.history["rounds"], result.history["finetune"]
+    sizes, batch = result.history["dataset"], config.batch_size
+    per_epoch, finetune_per_epoch = sizes["train"] // batch, (sizes["train"] + sizes["val"]) // batch
+    assert per_epoch > 5
+    round_epochs = [e for r in rounds for e in r["epochs"]]
+    assert round_epochs and all(e["images"] == 5 * batch for e in round_epochs)
+    assert all(r["mu"] == pytest.approx(config.lr * 5 / config.path_per_round) for r in rounds)
+    assert finetune["from_short_rounds"] == len(round_epochs) * (per_epoch - 5)
+    epochs_owed = config.finetune_epochs + (config.max_rounds - len(rounds))
+    trained = sum(e["images"] for e in finetune["epochs"])
+    assert trained == (epochs_owed * finetune_per_epoch + finetune["from_short_rounds"]) * batch
