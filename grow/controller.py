@@ -587,7 +587,7 @@ def _grow_owned(config: GrowConfig, reporter: Reporter, resume: bool, out: Path)
     # After a fine-tune on train + validation no held-out validation figure exists: None, not a fake one.
     final_val = (finetuned or run.history["rounds"])[-1]["val_accuracy"]
     metrics = {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": final_val,
-               "epochs": run.epoch, "dataset": run.splits.info.name, "storage": run.splits.info.storage,
+               "epochs": config.total_epochs(), "dataset": run.splits.info.name, "storage": run.splits.info.storage,
                "train_macs": training_macs(run.history)}
     distributed.plain_batchnorm_(model)
     model_json = (save_model(model.cpu(), out, metrics=metrics, extra={"classes": list(run.splits.info.classes)})

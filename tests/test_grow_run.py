@@ -163,7 +163,7 @@ def test_fill_by_spends_the_rest_of_the_budget_and_ends_growth(tmp_path):
     final = result.history["final"]
     assert final["macs"] <= 3_000_000
     assert final["macs"] > 0.85 * 3_000_000  # the budget is spent, up to the rounding of one factor
-    assert len(result.history["finetune"]["epochs"]) == 1 + 2  # --finetune-epochs plus the two unused rounds
+    assert result.history["finetune"]["from_unused_rounds"] == 2  # the fine-tune trains the two unused rounds
     assert result.history["finetune"]["macs"] == final["macs"] > rounds[0]["macs"]
 
 
