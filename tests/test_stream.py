@@ -12,7 +12,7 @@ import torch
 import grow
 import search_spaces
 from grow.cost import count_macs, count_params, layer_costs, measure_macs
-from grow.data import Batches, DataError, TensorSet, load_dataset
+from grow.data import Batches, DataError, FirstBatches, TensorSet, load_dataset
 from grow.spec import ArchSpec, build
 from grow.stream import FileSet, StreamBatches, plan
 from tests.helpers import tiny_config
@@ -107,6 +107,9 @@ def test_streamed_batches_present_the_batches_interface(small_photos):
     assert not all(torch.equal(a, b) for a, b in zip(first, [y for _, y in batches]))
     evaluation = Batches(splits.test, 7, info=splits.info, train=False)
     assert len(evaluation) == 2 and sum(len(y) for _, y in evaluation) == len(splits.test) == 10
+    short = FirstBatches(batches, 1)  # a round of --round-steps 1: the epoch's first batch, in its order
+    short.set_epoch(0)
+    assert len(short) == 1 and [torch.equal(y, first[0]) for _, y in short] == [True]
 
 
 def test_ranks_decode_their_slices_of_the_global_batch_whatever_the_workers(small_photos):
