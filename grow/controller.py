@@ -81,8 +81,9 @@ class GrowConfig:
       grown layers settle, and growth was measured to pay with rounds of 58 steps (2 epochs of
       the 4,170 CIFAR-10 pictures, which 64 leaves untouched). Where an epoch is long, whole-epoch
       rounds only keep the network small for longer: on Fashion-MNIST (422 batches an epoch, 3M
-      MACs, 8 epochs) the same shapes grew with 70-step rounds and scored +0.38 points over
-      whole-epoch rounds (five seeds, 95% CI +0.13..+0.64), 140-step rounds +0.28 (bench/RESULTS.md).
+      MACs, 8 epochs) the same shapes grew with short rounds and scored +0.28 (140 steps), +0.38
+      (70) and +0.29 (64) points over whole-epoch rounds, five seeds each (bench/RESULTS.md).
+      prune keeps whole epochs, and so does a run resumed from before this option existed.
     - mu None: chosen from the round length so that Gamma's path advances the same
       `path_per_round` in every round, whatever the dataset size (see DESIGN.md: the time at
       which filters switch on scales with mu/lr and the number of steps, not with epochs).

@@ -123,7 +123,7 @@ class PruneConfig:
         phase is one round of `epochs` epochs, the fine-tune grow's."""
         values = {k: v for k, v in self.to_dict().items() if k not in ("space", "arch", "epochs", "path")}
         return GrowConfig.from_dict({**values, "space": family, "epochs_per_round": self.epochs, "max_rounds": 1,
-                                     "path_per_round": self.path})
+                                     "path_per_round": self.path, "round_steps": 0})  # whole epochs
 
 
 @dataclass

@@ -149,6 +149,7 @@ def load_run_config(folder: Path):
     if not isinstance(data, dict):
         raise GrowError(f"{path} is damaged (not a JSON object); the run cannot be resumed with its settings")
     known = {k: v for k, v in data.items() if k in GrowConfig.__dataclass_fields__}
+    known.setdefault("round_steps", 0)  # runs started before --round-steps trained whole-epoch rounds
     config = GrowConfig.from_dict(known)
     config.out = str(folder)
     try:

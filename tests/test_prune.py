@@ -224,6 +224,20 @@ def test_prune_network_writes_a_smaller_model_that_loads_alone(tmp_path):
         assert (result.out / png).stat().st_size > 0
 
 
+def test_prune_trains_whole_epochs_and_paces_the_path_by_them(tmp_path):
+    """Growth's --round-steps does not cut prune's DessiLBI epochs: 8 epochs of 12 batches is more
+    than 64 batches, and every epoch still trains all 12, with mu set for 96 steps."""
+    source, model = saved_seed(tmp_path)
+    config = small(tmp_path, from_model=str(source), budget_macs=count_macs(model.spec) // 2, epochs=8)
+    history = prune_network(config).history
+    batches = history["dataset"]["train"] // 128
+    assert batches * config.epochs > 64
+    epochs = history["rounds"][0]["epochs"]
+    assert len(epochs) == 8 and all(e["images"] == batches * 128 for e in epochs)
+    assert history["rounds"][0]["mu"] == pytest.approx(config.lr * batches * 8 / config.path)
+    assert history["finetune"]["from_short_rounds"] == 0
+
+
 def test_ticket_structure_is_the_gamma_support_at_its_epoch(tmp_path):
     source, model = saved_seed(tmp_path)
     config = small(tmp_path, from_model=str(source), budget_macs=count_macs(model.spec) - 1, ticket=True,

@@ -191,6 +191,19 @@ def test_resume_with_a_config_value_of_the_wrong_type_fails_before_training(caps
     one_line_error(capsys, ["grow", "--resume", str(copy_of)], "config.json")
 
 
+def test_a_run_saved_before_round_steps_resumes_with_whole_epoch_rounds(tmp_path):
+    """A config.json written before --round-steps existed describes whole-epoch rounds, and the rest of
+    that run must train them too (the default of 64 would change its rounds' length and mu mid-run)."""
+    from grow.rundir import load_run_config
+    out = tmp_path / "old"
+    out.mkdir()
+    old = {k: v for k, v in tiny_config(out, **SMALL).to_dict().items() if k != "round_steps"}
+    (out / "config.json").write_text(json.dumps(old))
+    assert load_run_config(out).round_steps == 0
+    (out / "config.json").write_text(json.dumps({**old, "round_steps": 32}))
+    assert load_run_config(out).round_steps == 32
+
+
 @pytest.mark.parametrize("damage", ["truncate weights", "flip a byte of the optimizer", "delete the folder",
                                     "bad spec"])
 def test_a_damaged_round_is_named_and_the_round_before_used(copy_of, damage):
