@@ -44,7 +44,8 @@ def plot_history(history: dict, out: str | Path) -> list[Path]:
     ax.axhline(tau, color="grey", linestyle="--", linewidth=1)
     for r in history["rounds"][:-1]:
         ax.axvline(r["epochs"][-1]["epoch"], color="lightgrey", linewidth=0.8)
-    ax.set(xlabel="epoch of the rounds (each at most --round-steps batches)", ylabel="selection ratio (share of filters with Gamma != 0)",
+    ax.set(xlabel="epoch of the rounds (each at most --round-steps batches)",
+           ylabel="selection ratio (share of filters with Gamma != 0)",
            title=f"Gamma path per layer (dashed: tau = {tau}; grey: growth steps)", ylim=(-0.02, 1.02))
     paths.append(_save(fig, out / "selection_ratio.png"))
 
