@@ -485,7 +485,8 @@ class _Run:
         if c.finetune_on_val and len(self.splits.val):
             batches = Batches(merged(self.splits.train, self.splits.val), c.batch_size, info=self.splits.info,
                               train=True, device=self.device, seed=c.seed, augment=c.augments())
-        steps = self.finetune_epochs() * len(batches) + self.short_round_steps()
+        owed, short = self.finetune_epochs(), self.short_round_steps()
+        steps = owed * len(batches) + short
         optimizer, scheduler = recipe.optimizer(model, steps)
         total = math.ceil(steps / max(1, len(batches)))
         epochs = []
@@ -498,8 +499,7 @@ class _Run:
             epochs.append(record)
             self.reporter.epoch_end(record)
         self.history["finetune"] = {"epochs": epochs, "lr": recipe.lr, "macs": count_macs(model.spec),
-                                    "from_unused_rounds": self.finetune_epochs() - c.finetune_epochs,
-                                    "from_short_rounds": self.short_round_steps(),
+                                    "from_unused_rounds": owed - c.finetune_epochs, "from_short_rounds": short,
                                     "on_val": batches is not self.train_batches}
         return model
 
