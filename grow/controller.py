@@ -462,45 +462,44 @@ class _Run:
         """Units widened in the finished rounds (the deepening rule asks for them)."""
         return {a["target"] for r in self.history["rounds"] for a in r["actions"] if a["kind"] == "widen"}
 
-    def finetune_epochs(self) -> int:
-        """--finetune-epochs plus the round epochs growth did not use: a run always trains
-        max_rounds * epochs_per_round + finetune_epochs epochs, so its cost is known up front."""
-        c = self.config
-        unused_rounds = c.max_rounds - len(self.history["rounds"])
-        return c.finetune_epochs + unused_rounds * c.epochs_per_round
+    def round_steps_trained(self) -> int:
+        """Batches the finished rounds trained (each round epoch trains round_epoch_steps() of them)."""
+        return sum(len(r["epochs"]) for r in self.history["rounds"]) * self.round_epoch_steps()
 
-    def short_round_steps(self) -> int:
-        """Batches the finished rounds did not train because of --round-steps (the fine-tune trains them)."""
-        epochs = sum(len(r["epochs"]) for r in self.history["rounds"])
-        return epochs * (len(self.train_batches) - self.round_epoch_steps())
-
-    def finetune(self, model: nn.Module) -> nn.Module:
+    def finetune(self, model: nn.Module, epochs: Optional[int] = None) -> nn.Module:
         """The dense recipe (grow.recipe: Nesterov SGD, one-cycle, label smoothing) on the grown
         network, on train + validation when `finetune_on_val` (then no validation is recorded).
-        It trains --finetune-epochs, the epochs of unused rounds and the batches short rounds left
-        (its last epoch may be a part of one), so a run trains as many images as its schedule says."""
+
+        A growth run trains as many batches in all as a fixed network given the same epochs on the
+        same data: `total_epochs()` epochs of the fine-tune's data, less the batches the rounds
+        trained (its last epoch may be a part of one). Counting the rounds in their own batches
+        matters where they are short or hold the validation split out: on Fashion-MNIST, counting them
+        as whole epochs of the training split left the grown network 9% fewer steps than a fixed one
+        and cost it 0.26 points (bench/RESULTS.md, tenth wave). `epochs` (grow prune) trains exactly that many
+        epochs instead."""
         c = self.config
         recipe = c.recipe()
         batches = self.train_batches
         if c.finetune_on_val and len(self.splits.val):
             batches = Batches(merged(self.splits.train, self.splits.val), c.batch_size, info=self.splits.info,
                               train=True, device=self.device, seed=c.seed, augment=c.augments())
-        owed, short = self.finetune_epochs(), self.short_round_steps()
-        steps = owed * len(batches) + short
+        if epochs is None:
+            steps = max(0, c.total_epochs() * len(batches) - self.round_steps_trained())
+        else:
+            steps = epochs * len(batches)
         optimizer, scheduler = recipe.optimizer(model, steps)
         total = math.ceil(steps / max(1, len(batches)))
-        epochs = []
+        records = []
         self.reporter.phase("fine-tune", total)
         for e in range(total):
             left = steps - e * len(batches)
             record = self.train_one_epoch(model, optimizer, f"fine-tune epoch {e + 1}/{total}", scheduler=scheduler,
                                           batches=batches if left >= len(batches) else FirstBatches(batches, left),
                                           validate=batches is self.train_batches)
-            epochs.append(record)
+            records.append(record)
             self.reporter.epoch_end(record)
-        self.history["finetune"] = {"epochs": epochs, "lr": recipe.lr, "macs": count_macs(model.spec),
-                                    "from_unused_rounds": owed - c.finetune_epochs, "from_short_rounds": short,
-                                    "on_val": batches is not self.train_batches}
+        self.history["finetune"] = {"epochs": records, "lr": recipe.lr, "macs": count_macs(model.spec), "steps": steps,
+                                    "round_steps": self.round_steps_trained(), "on_val": batches is not self.train_batches}
         return model
 
 

@@ -312,7 +312,7 @@ def prune_network(config: PruneConfig, reporter: Optional[Reporter] = None) -> P
     pruned = _ticket_start(config, initial, keep) if config.ticket else morph.prune(model, keep)
     _record_cut(run, config, snap, keep, model, pruned)
     run.reporter.message(_cut_text(run.history["cut"]))
-    pruned = run.finetune(pruned)
+    pruned = run.finetune(pruned, epochs=config.finetune_epochs)
     test_loss, test_acc = evaluate(pruned, test_batches, precision=run.precision)
     run.history["test"] = {"loss": test_loss, "accuracy": test_acc}
     return _export(config, run, pruned, source, snap)

@@ -163,14 +163,18 @@ def test_fill_by_spends_the_rest_of_the_budget_and_ends_growth(tmp_path):
     final = result.history["final"]
     assert final["macs"] <= 3_000_000
     assert final["macs"] > 0.85 * 3_000_000  # the budget is spent, up to the rounding of one factor
-    assert result.history["finetune"]["from_unused_rounds"] == 2  # the fine-tune trains the two unused rounds
+    finetune, sizes = result.history["finetune"], result.history["dataset"]
+    per_epoch = (sizes["train"] + sizes["val"]) // 128
+    rounds_trained = sum(e["images"] for e in rounds[0]["epochs"]) // 128
+    # the fine-tune trains the two unused rounds too: the run's batches are those of its 4 epochs
+    assert finetune["steps"] == 4 * per_epoch - rounds_trained > 3 * per_epoch
     assert result.history["finetune"]["macs"] == final["macs"] > rounds[0]["macs"]
 
 
 def test_round_steps_shortens_rounds_and_the_finetune_trains_what_they_left(tmp_path):
     """--round-steps 5 on a larger set: every round epoch trains 5 batches, Gamma's path is paced
-    for 5 (mu), and the fine-tune trains the batches left of each, so the run's images stay those
-    of its schedule."""
+    for 5 (mu), and the fine-tune trains the rest of the schedule, so the run trains as many batches as
+    a fixed network given its epochs of train + validation would."""
     config = tiny_config(tmp_path / "short", train_subset=2000, round_steps=5, max_rounds=3, finetune_epochs=1)
     result = grow_network(config)
     rounds, finetune = result.history["rounds"], result.history["finetune"]
@@ -180,7 +184,6 @@ def test_round_steps_shortens_rounds_and_the_finetune_trains_what_they_left(tmp_
     round_epochs = [e for r in rounds for e in r["epochs"]]
     assert round_epochs and all(e["images"] == 5 * batch for e in round_epochs)
     assert all(r["mu"] == pytest.approx(config.lr * 5 / config.path_per_round) for r in rounds)
-    assert finetune["from_short_rounds"] == len(round_epochs) * (per_epoch - 5)
-    epochs_owed = config.finetune_epochs + (config.max_rounds - len(rounds))
-    trained = sum(e["images"] for e in finetune["epochs"])
-    assert trained == (epochs_owed * finetune_per_epoch + finetune["from_short_rounds"]) * batch
+    assert finetune["round_steps"] == 5 * len(round_epochs)
+    assert finetune["steps"] == config.total_epochs() * finetune_per_epoch - 5 * len(round_epochs)
+    assert sum(e["images"] for e in finetune["epochs"]) == finetune["steps"] * batch

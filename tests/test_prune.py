@@ -235,7 +235,8 @@ def test_prune_trains_whole_epochs_and_paces_the_path_by_them(tmp_path):
     epochs = history["rounds"][0]["epochs"]
     assert len(epochs) == 8 and all(e["images"] == batches * 128 for e in epochs)
     assert history["rounds"][0]["mu"] == pytest.approx(config.lr * batches * 8 / config.path)
-    assert history["finetune"]["from_short_rounds"] == 0
+    fixed = (history["dataset"]["train"] + history["dataset"]["val"]) // 128
+    assert history["finetune"]["steps"] == config.finetune_epochs * fixed  # its own epochs, not growth's schedule
 
 
 def test_ticket_structure_is_the_gamma_support_at_its_epoch(tmp_path):
