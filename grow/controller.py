@@ -475,8 +475,8 @@ class _Run:
         trained (its last epoch may be a part of one). Counting the rounds in their own batches
         matters where they are short or hold the validation split out: on Fashion-MNIST, counting them
         as whole epochs of the training split left the grown network 9% fewer steps than a fixed one
-        and cost it 0.26 points (bench/RESULTS.md, tenth wave). `epochs` (grow prune) trains exactly that many
-        epochs instead."""
+        and cost it 0.26 points (bench/RESULTS.md, tenth wave). `epochs` (grow prune) trains exactly
+        that many epochs instead."""
         c = self.config
         recipe = c.recipe()
         batches = self.train_batches
@@ -498,8 +498,9 @@ class _Run:
                                           validate=batches is self.train_batches)
             records.append(record)
             self.reporter.epoch_end(record)
-        self.history["finetune"] = {"epochs": records, "lr": recipe.lr, "macs": count_macs(model.spec), "steps": steps,
-                                    "round_steps": self.round_steps_trained(), "on_val": batches is not self.train_batches}
+        self.history["finetune"] = {"epochs": records, "lr": recipe.lr, "macs": count_macs(model.spec),
+                                    "steps": steps, "round_steps": self.round_steps_trained(),
+                                    "on_val": batches is not self.train_batches}
         return model
 
 

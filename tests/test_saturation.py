@@ -26,7 +26,8 @@ def test_counts_rounds_that_ended_with_every_layer_saturated(tmp_path, capsys, m
     # a checkpoint's copy of the history is not another run
     (run / "checkpoints" / "round-002" / "history.json").write_text(json.dumps(_history({"a": 0.1})))
     saturation = _saturation()
-    assert saturation.summary(saturation.histories(tmp_path)) == {"runs": 1, "rounds": 2, "all_saturated": 1, "lowest_ratio": 0.5}
+    summary = saturation.summary(saturation.histories(tmp_path))
+    assert summary == {"runs": 1, "rounds": 2, "all_saturated": 1, "lowest_ratio": 0.5}
     monkeypatch.setattr("sys.argv", ["saturation.py", str(tmp_path)])
     saturation.main()
     assert f"| {tmp_path} | 1 | 2 | 1 | 0.50 |" in capsys.readouterr().out
