@@ -94,7 +94,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="most batches one round trains, however large the dataset; the fine-tune trains the "
                         "rest of the round's epochs (0: whole epochs; default %(default)s)")
     g.add_argument("--max-rounds", type=int, default=d.max_rounds)
-    g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
+    g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
+                   help="epochs of the dense fine-tune after growth: in all a run trains the batches of "
+                        "max-rounds x epochs-per-round + this many epochs, the rounds' batches included "
+                        "(default %(default)s)")
     g.add_argument("--tau", type=float, default=d.tau, help="selection ratio at which a layer is saturated")
     g.add_argument("--widen-ratio", type=float, default=d.widen_ratio, help="a saturated layer grows by this share")
     g.add_argument("--widen-min", type=int, default=d.widen_min, help="... and by at least this many filters")
