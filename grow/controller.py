@@ -483,8 +483,9 @@ class _Run:
         if c.finetune_on_val and len(self.splits.val):
             batches = Batches(merged(self.splits.train, self.splits.val), c.batch_size, info=self.splits.info,
                               train=True, device=self.device, seed=c.seed, augment=c.augments())
+        rounds = self.round_steps_trained()
         if epochs is None:
-            steps = max(0, c.total_epochs() * len(batches) - self.round_steps_trained())
+            steps = max(0, c.total_epochs() * len(batches) - rounds)
         else:
             steps = epochs * len(batches)
         optimizer, scheduler = recipe.optimizer(model, steps)
@@ -499,7 +500,7 @@ class _Run:
             records.append(record)
             self.reporter.epoch_end(record)
         self.history["finetune"] = {"epochs": records, "lr": recipe.lr, "macs": count_macs(model.spec),
-                                    "steps": steps, "round_steps": self.round_steps_trained(),
+                                    "steps": steps, "round_steps": rounds,
                                     "on_val": batches is not self.train_batches}
         return model
 

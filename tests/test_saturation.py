@@ -1,17 +1,9 @@
 """bench/saturation.py: how often Gamma left a layer unsaturated at the end of a round."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from tests.helpers import ROOT
-
-
-def _saturation():
-    spec = importlib.util.spec_from_file_location("saturation", ROOT / "bench" / "saturation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_bench
 
 
 def _history(*ends: dict[str, float]) -> dict:
@@ -25,7 +17,7 @@ def test_counts_rounds_that_ended_with_every_layer_saturated(tmp_path, capsys, m
     (run / "history.json").write_text(json.dumps(_history({"a": 1.0, "b": 0.95}, {"a": 1.0, "b": 0.5})))
     # a checkpoint's copy of the history is not another run
     (run / "checkpoints" / "round-002" / "history.json").write_text(json.dumps(_history({"a": 0.1})))
-    saturation = _saturation()
+    saturation = load_bench("saturation")
     summary = saturation.summary(saturation.histories(tmp_path))
     assert summary == {"runs": 1, "rounds": 2, "all_saturated": 1, "lowest_ratio": 0.5}
     monkeypatch.setattr("sys.argv", ["saturation.py", str(tmp_path)])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import pytest
@@ -13,7 +12,7 @@ from grow.baselines import HAND_SHAPES, classic_seed, hand_shapes, scale_to_budg
 from grow.controller import GrowConfig
 from grow.cost import count_macs, count_params
 from grow.policy import Budget
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, load_bench, tiny_config
 
 
 @pytest.mark.parametrize("family", sorted(HAND_SHAPES))
@@ -46,15 +45,8 @@ def test_classic_seed_has_the_classic_depth_at_a_fraction_of_the_budget():
     assert count_macs(scale_to_budget(classic, budget)) > 5 * count_macs(seed)
 
 
-def _suite():
-    spec = importlib.util.spec_from_file_location("suite", ROOT / "bench" / "suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_row_trains_the_same_epochs_on_the_same_data(tmp_path):
-    suite = _suite()
+    suite = load_bench("suite")
     config = tiny_config(tmp_path / "grown", max_rounds=2, finetune_epochs=1, train_subset=600, val_fraction=0.03,
                          budget_macs=600_000)
     results = suite.run_seed(config, ["grown", "grown-scratch", "classic", "shallow"], tmp_path)
@@ -73,7 +65,7 @@ def test_every_row_trains_the_same_epochs_on_the_same_data(tmp_path):
 
 
 def test_grown_against_a_baseline_is_a_paired_difference_with_a_t_interval():
-    suite = _suite()
+    suite = load_bench("suite")
 
     def row(acc):
         return {"test_accuracy": acc, "macs": 1, "params": 1, "train_macs": 1, "seconds": 1}
@@ -122,7 +114,7 @@ def test_the_fine_tune_warm_up_is_an_option_and_the_suites_fixed_rows_keep_the_r
                          budget_macs=600_000)
     assert _peak_step(config.recipe()) == 5
     assert _peak_step(GrowConfig(finetune_warmup=0.3).recipe()) == 30
-    suite = _suite()
+    suite = load_bench("suite")
     used = []
     real = suite.train_spec
     monkeypatch.setattr(suite, "train_spec", lambda spec, splits, epochs, recipe, **kw: (
@@ -134,9 +126,7 @@ def test_the_fine_tune_warm_up_is_an_option_and_the_suites_fixed_rows_keep_the_r
 def test_sweep_table_pairs_each_variant_with_its_baseline_seed_by_seed(tmp_path, capsys):
     """bench/sweep.py's table: a variant one point ahead on every seed is +1.00 with a zero-width
     interval, whatever the seeds' spread; a variant of another scenario (name prefix) is not compared."""
-    spec = importlib.util.spec_from_file_location("sweep", ROOT / "bench" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_bench("sweep")
     entries = []
     for seed, base in enumerate([0.70, 0.74, 0.68]):
         entries += [{"name": "g5M-base", "row": "grown", "seed": seed, "budget": "5M", "test_accuracy": base},
@@ -175,7 +165,7 @@ def test_sweep_runs_every_job_and_records_each_row(tmp_path):
 
 def test_each_scenario_gets_the_issues_schedule():
     """Fashion-MNIST trains 8 epochs at 3M MACs and grow's default 26 at 10M; CIFAR-10 30 at any budget."""
-    suite = _suite()
+    suite = load_bench("suite")
     scenarios = [("fashion-mnist", 3_000_000), ("fashion-mnist", 10_000_000), ("cifar10", 5_000_000),
                  ("cifar10", 20_000_000)]
     totals = [r * m + f for r, m, f in (suite.schedule_of(*s) for s in scenarios)]
