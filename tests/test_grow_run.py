@@ -87,6 +87,18 @@ class StopAtRound(Reporter):
             raise KeyboardInterrupt
 
 
+def test_the_same_run_twice_gives_the_same_network_and_accuracy(finished_run, tmp_path):
+    """A user re-running a command with the same seed on the same machine gets the same numbers:
+    the same growth decisions, the same weights bit for bit, the same test accuracy."""
+    out, first = finished_run
+    again = grow_network(tiny_config(tmp_path / "again"))
+    assert again.test_accuracy == first.test_accuracy
+    assert [r["actions"] for r in again.history["rounds"]] == [r["actions"] for r in first.history["rounds"]]
+    weights, weights_again = first.model.state_dict(), again.model.state_dict()
+    assert weights.keys() == weights_again.keys()
+    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
+
+
 def test_interrupted_run_resumes_without_losing_a_round(tmp_path):
     config = tiny_config(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
