@@ -84,10 +84,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deepen-per-round", type=int, default=d.deepen_per_round,
                    help="at most this many stages deepen in one round, the cheapest first (0: no limit; "
                         "default %(default)s)")
-    g.add_argument("--binding", choices=("greedy", "fill"), default=d.binding,
-                   help="when the budget cannot pay for every asked-for step: take those that fit, cheapest "
-                        "first (greedy), or none and widen every layer by one factor instead (fill); "
-                        "default %(default)s")
     g.add_argument("--extend-stages", action=argparse.BooleanOptionalAction, default=d.extend_stages,
                    help="a saturated last stage may be followed by a new stage at half its resolution "
                         "(default %(default)s)")

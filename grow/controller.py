@@ -134,7 +134,6 @@ class GrowConfig:
     fill_by: Optional[int] = None
     extend_stages: bool = True
     deepen_per_round: int = 1
-    binding: str = "greedy"
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.1
@@ -426,7 +425,7 @@ class _Run:
                 model.cpu(), ratios, budget, tau=c.tau, widen_ratio=c.widen_ratio,
                 widen_min=c.widen_min, generator=generator, widen_init=c.widen_init, order=c.order,
                 widened=self.widened_units() if c.deepen == "after-widen" else None,
-                extend_stages=c.extend_stages, max_deepen=c.deepen_per_round or None, binding=c.binding,
+                extend_stages=c.extend_stages, max_deepen=c.deepen_per_round or None,
             )
             last = c.last_growth_round()
             if last and index >= last:

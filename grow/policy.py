@@ -185,7 +185,6 @@ def plan_growth(
     widened: Optional[set[str]] = None,
     extend_stages: bool = False,
     max_deepen: Optional[int] = None,
-    binding: str = "greedy",
 ) -> tuple[nn.Module, list[Action], list[str]]:
     """Grow `model` where it is saturated, as far as `budget` allows.
 
@@ -204,10 +203,6 @@ def plan_growth(
     at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
     steps buys more filters for the same MACs. A widening that does not fit in full is shrunk
     to the widest step that does.
-    binding "greedy": when the budget cannot pay for every asked-for step, the steps that fit in
-    that order are taken (a widening cut to fit). binding "fill": then none of them is; the rest
-    of the budget widens every unit by one common factor (fill_budget), so the shape keeps the
-    proportions of the last round that could pay for everything it asked.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -233,7 +228,6 @@ def plan_growth(
         steps.sort(key=lambda st: st[3])
     actions: list[Action] = []
     skipped: list[str] = []
-    start, partial = model, False
     for kind, target_of, target, _ in steps:
         if kind == "widen":
             grown = _widen_step(model, target_of, target, ratios, budget, tau, widen_min, generator, widen_init)
@@ -243,14 +237,9 @@ def plan_growth(
             grown = _deepen_step(model, target_of, units, ratios, budget)
         if isinstance(grown, str):
             skipped.append(grown)
-            partial = True
             continue
         model, action = grown
-        partial = partial or (kind == "widen" and action.after < target)
         actions.append(action)
-    if binding == "fill" and partial:
-        model, actions = fill_budget(start, budget, ratios, reason="the asked-for steps exceed the budget",
-                                     generator=generator, widen_init=widen_init, minimum=widen_min)
     return model, actions, skipped
 
 

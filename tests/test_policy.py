@@ -174,26 +174,6 @@ def test_fill_budget_widens_every_layer_by_one_factor_within_the_budget():
     assert same is grown and none == []
 
 
-def test_binding_fill_keeps_the_proportions_when_the_budget_cannot_pay_for_every_step():
-    """Every layer saturated and room for about half of the asked-for steps: greedy takes the
-    cheapest steps and leaves the others, fill widens every layer by one factor instead."""
-    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
-    before = {u.name: u.width for u in morph.units(model)}
-    ratios = ratios_for(model, saturated=set(before))
-    everything = plan(model, ratios, order="cost", max_deepen=0)[0]
-    budget = Budget(macs=(count_macs(model.spec) + count_macs(everything.spec)) // 2)
-    greedy = {u.name: u.width for u in morph.units(plan(model, ratios, budget, order="cost", max_deepen=0)[0])}
-    grown, actions, _ = plan(model, ratios, budget, order="cost", max_deepen=0, binding="fill")
-    filled = {u.name: u.width for u in morph.units(grown)}
-    assert budget.fits(grown) and {a.target for a in actions} == set(before)
-    assert any(greedy[n] == before[n] for n in before)  # greedy leaves some layer as it was
-    factors = [filled[n] / before[n] for n in before]
-    assert min(factors) > 1.1 and max(factors) - min(factors) < 0.15
-    # With room for every asked-for step, fill takes them as greedy does.
-    roomy = plan(model, ratios, order="cost", binding="fill")[0]
-    assert roomy.spec.to_dict() == plan(model, ratios, order="cost")[0].spec.to_dict()
-
-
 def _twin_share(weight: torch.Tensor) -> float:
     """Share of a layer's filters with a near-twin (cosine similarity above 0.99) among the others."""
     w = torch.nn.functional.normalize(weight.detach().flatten(1), dim=1)
