@@ -125,7 +125,8 @@ def full_run(args, device) -> float:
     result = grow_network(config)
     seconds = time.perf_counter() - start
     what = "CIFAR-10" if found else "random CIFAR-sized pictures (accuracy means nothing)"
-    print(f"full growth run on {what}, {result.history['dataset']} ({len(result.history['rounds'])} rounds, "
+    pictures = result.history["dataset"]["train"] + result.history["dataset"]["val"]
+    print(f"full growth run on {what}, {pictures:,} training pictures ({len(result.history['rounds'])} rounds, "
           f"{result.history['final']['macs'] / 1e6:.1f}M MACs, test accuracy {result.test_accuracy:.4f}): "
           f"{seconds:.0f} s wall in {config.out}")
     rounds = sum(r["seconds"] for r in result.history["rounds"])
