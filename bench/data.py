@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from grow.data import Batches, load_dataset, torchvision_cifar  # noqa: E402
 
 
-def write_archive(root: Path, images: int) -> None:
+def write_archive(root: Path, images: int, test_images: int = 100) -> None:
+    """CIFAR-10's python-version layout under `root`, of random pictures and labels."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     per_batch = images // 5
-    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", 100)]:
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test_images)]:
         data = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
         (folder / name).write_bytes(pickle.dumps(data))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(k) for k in range(10)]}))

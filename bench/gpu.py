@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import search_spaces  # noqa: E402
+from data import write_archive  # noqa: E402  (bench/data.py)
 from grow.data import Batches, DatasetInfo, TensorSet  # noqa: E402
 from grow.optim import DessiLBI  # noqa: E402
 from grow.policy import lbi_param_groups  # noqa: E402
@@ -93,24 +95,10 @@ def sync(device: torch.device) -> None:
 
 
 def random_cifar_folder(n_train: int, n_test: int = 10_000) -> str:
-    """A folder holding cifar-10-batches-py of random pictures and labels, in torchvision's layout, so
+    """A folder holding cifar-10-batches-py of random pictures and labels (bench/data.py's archive), so
     a full run reads CIFAR-10's sizes through the same reader (its accuracy means nothing)."""
-    import pickle
-    import numpy as np
     root = Path(tempfile.mkdtemp(prefix="grow-random-cifar-"))
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-
-    def write(name: str, n: int) -> None:
-        batch = {"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, n).tolist()}
-        (folder / name).write_bytes(pickle.dumps(batch))
-
-    for k in range(5):
-        write(f"data_batch_{k + 1}", n_train // 5)
-    write("test_batch", n_test)
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{k}" for k in range(10)]}))
+    write_archive(root, n_train, n_test)
     return str(root)
 
 
