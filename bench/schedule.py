@@ -39,9 +39,7 @@ def scheduled_shape(input_shape: tuple[int, ...], num_classes: int, budget: Budg
     for index in range(1, rounds + 1):
         ratios = {u.name: 1.0 for u in morph.units(model)}
         generator = torch.Generator().manual_seed(index)
-        model, _, _ = plan_growth(model, ratios, budget, tau=config.tau, widen_ratio=config.widen_ratio,
-                                  widen_min=config.widen_min, generator=generator, order=config.order,
-                                  extend_stages=config.extend_stages, max_deepen=config.deepen_per_round or None)
+        model, _, _ = plan_growth(model, ratios, budget, generator=generator, **config.policy_options())
     model, _ = fill_budget(model, budget, {}, reason="the deadline", minimum=config.widen_min)
     return model.spec
 

@@ -162,6 +162,13 @@ class GrowConfig:
         --fill-by, or by default the middle of the rounds (see `fill_by` above)."""
         return math.ceil(self.max_rounds / 2) if self.fill_by is None else self.fill_by
 
+    def policy_options(self) -> dict:
+        """The keyword arguments of grow.policy.plan_growth this config sets (a run adds its generator
+        and, for --deepen after-widen, the units widened so far)."""
+        return {"tau": self.tau, "widen_ratio": self.widen_ratio, "widen_min": self.widen_min,
+                "widen_init": self.widen_init, "order": self.order, "extend_stages": self.extend_stages,
+                "max_deepen": self.deepen_per_round or None}
+
     def total_epochs(self) -> int:
         return self.max_rounds * self.epochs_per_round + self.finetune_epochs
 
@@ -422,10 +429,8 @@ class _Run:
             generator = torch.Generator().manual_seed(c.seed * 1000 + index)
             budget = paced(self.budget, model, c.pace_rounds - index + 1) if c.pace_rounds else self.budget
             grown, actions, notes = plan_growth(
-                model.cpu(), ratios, budget, tau=c.tau, widen_ratio=c.widen_ratio,
-                widen_min=c.widen_min, generator=generator, widen_init=c.widen_init, order=c.order,
+                model.cpu(), ratios, budget, generator=generator, **c.policy_options(),
                 widened=self.widened_units() if c.deepen == "after-widen" else None,
-                extend_stages=c.extend_stages, max_deepen=c.deepen_per_round or None,
             )
             last = c.last_growth_round()
             if last and index >= last:
