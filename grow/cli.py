@@ -104,9 +104,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--widen-init", choices=["split", "fresh"], default=d.widen_init,
                    help="new filters: copies of old ones sharing their outgoing weights (split), or random "
                         "with zero outgoing weights (fresh); default %(default)s")
-    g.add_argument("--widen-by", choices=("even", "path-speed"), default=d.widen_by,
-                   help="every saturated layer grows by --widen-ratio (even), or by it times the layer's speed "
-                        "along Gamma's path this round over the mean (path-speed); default %(default)s")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--finetune-lr", type=float, default=d.finetune_lr,

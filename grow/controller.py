@@ -28,8 +28,7 @@ from grow.fileio import write_json
 from grow.optim import DessiLBI
 from grow.baselines import classic_seed
 from grow.recipe import Recipe, merged
-from grow.policy import (ORDERS, WIDEN_BY, Budget, fill_budget, lbi_param_groups, paced, path_positions, path_speeds,
-                         plan_growth, selection_ratios, speed_steps)
+from grow.policy import ORDERS, Budget, fill_budget, lbi_param_groups, paced, plan_growth, selection_ratios
 from grow.report import NullReporter, Reporter
 from grow.spec import build
 from grow.train import PRECISIONS, Accelerated, Diverged, evaluate, grad_scaler, resolve_precision, train_epoch
@@ -125,7 +124,6 @@ class GrowConfig:
     widen_ratio: float = 0.5
     widen_min: int = 4
     widen_init: str = "fresh"
-    widen_by: str = "even"
     label_smoothing: float = 0.1
     finetune_on_val: bool = True
     seed_shape: str = "small"
@@ -210,8 +208,6 @@ class GrowConfig:
             raise GrowError(f"augment must be auto, on or off, got {self.augment!r}")
         if self.widen_init not in morph.WIDEN_INITS:
             raise GrowError(f"widen-init must be one of {', '.join(morph.WIDEN_INITS)}, got {self.widen_init!r}")
-        if self.widen_by not in WIDEN_BY:
-            raise GrowError(f"widen-by must be one of {', '.join(WIDEN_BY)}, got {self.widen_by!r}")
         if self.order not in ORDERS:
             raise GrowError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.deepen not in ("after-widen", "with-widen"):
@@ -408,7 +404,6 @@ class _Run:
         spec = model.spec
         self.reporter.round_start(index, c.max_rounds, spec, count_macs(spec), count_params(spec))
         before = selection_ratios(model, optimizer)
-        start_positions = path_positions(model, optimizer)
         epochs = []
         for e in range(c.epochs_per_round):
             path: list = []
@@ -426,7 +421,6 @@ class _Run:
             "train_accuracy": epochs[-1]["train_accuracy"], "train_loss": epochs[-1]["train_loss"],
             "val_accuracy": epochs[-1]["val_accuracy"], "val_loss": epochs[-1]["val_loss"],
             "mu": self.mu(), "actions": [], "notes": [],
-            "path_speed": path_speeds(start_positions, path_positions(model, optimizer)),
         }
         done = index >= c.max_rounds
         if done:
@@ -434,12 +428,9 @@ class _Run:
         else:
             generator = torch.Generator().manual_seed(c.seed * 1000 + index)
             budget = paced(self.budget, model, c.pace_rounds - index + 1) if c.pace_rounds else self.budget
-            scale = speed_steps(round_record["path_speed"], ratios, c.tau) if c.widen_by == "path-speed" else None
-            if scale is not None:
-                round_record["step_scale"] = scale
             grown, actions, notes = plan_growth(
                 model.cpu(), ratios, budget, generator=generator, **c.policy_options(),
-                widened=self.widened_units() if c.deepen == "after-widen" else None, step_scale=scale,
+                widened=self.widened_units() if c.deepen == "after-widen" else None,
             )
             last = c.last_growth_round()
             if last and index >= last:

@@ -83,47 +83,6 @@ def widen_step(width: int, ratio: float, minimum: int) -> int:
     return max(minimum, math.ceil(width * ratio))
 
 
-WIDEN_BY = ("even", "path-speed")
-
-
-@torch.no_grad()
-def path_positions(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
-    """How far each channel of every unit has travelled along Gamma's path: the norm of its filter's
-    Z (DessiLBI's accumulator; the filter is selected once it passes 1), summed over a coupled unit's
-    producers. Z grows by (lr/mu)(W - Gamma) a step, so what a channel gains in a round measures how
-    large, and how steady in direction, the loss kept its weights through the round."""
-    positions = {}
-    for unit in morph.units(model):
-        total = None
-        for name in unit.producers:
-            z = optimizer.state[model.get_submodule(name).weight].get("z")
-            if z is None:
-                continue
-            norms = z.detach().flatten(1).norm(dim=1).float().cpu()
-            total = norms if total is None else total + norms
-        positions[unit.name] = total if total is not None else torch.zeros(unit.width)
-    return positions
-
-
-def path_speeds(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each unit's mean gain in path position over a round (`before` and `after` from
-    path_positions, on a network that did not change shape in between)."""
-    return {name: float((after[name] - before[name]).mean()) for name in after if name in before}
-
-
-def speed_steps(speeds: dict[str, float], ratios: dict[str, float], tau: float,
-                cap: float = 2.0) -> dict[str, float]:
-    """Step multipliers for the saturated units: a unit's path speed over the mean speed of the
-    saturated units, clipped to [0, cap]. The mean step stays widen_ratio, so the budget fills as
-    fast as with even steps, but a layer whose filters the loss drove along the path faster than
-    the others' gets a larger share. A non-positive mean (nothing moved) gives even steps."""
-    asking = [name for name, r in ratios.items() if r >= tau and name in speeds]
-    mean = sum(speeds[n] for n in asking) / len(asking) if asking else 0.0
-    if mean <= 0:
-        return {n: 1.0 for n in asking}
-    return {n: min(cap, max(0.0, speeds[n] / mean)) for n in asking}
-
-
 def _largest_fitting_widen(model, name, width, target, budget, generator, minimum, init):
     """Widest version of `name` in [width + minimum, target] that fits the budget, or None:
     a step smaller than `minimum` filters is not worth a round of training. Costs are read from
@@ -195,16 +154,14 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
                    for name, w in target.items()]
 
 
-def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend, step_scale):
+def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend):
     """(kind, target, extra MACs of the full step) of every growth step the ratios ask for;
-    `deepen_macs` holds the MACs of the network with each stage to deepen one layer deeper;
-    `step_scale` (or None: 1 for all) multiplies each unit's widen_ratio."""
+    `deepen_macs` holds the MACs of the network with each stage to deepen one layer deeper."""
     macs = count_macs(model.spec)
     steps = []
     for unit in units:
         if ratios[unit.name] >= tau:
-            scale = 1.0 if step_scale is None else step_scale.get(unit.name, 1.0)
-            target = unit.width + widen_step(unit.width, widen_ratio * scale, widen_min)
+            target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
             spec = morph.widened_spec(model, {unit.name: target})
             steps.append(("widen", unit, target, count_macs(spec) - macs))
     for stage, deepened in deepen_macs.items():
@@ -228,7 +185,6 @@ def plan_growth(
     widened: Optional[set[str]] = None,
     extend_stages: bool = False,
     max_deepen: Optional[int] = None,
-    step_scale: Optional[dict[str, float]] = None,
 ) -> tuple[nn.Module, list[Action], list[str]]:
     """Grow `model` where it is saturated, as far as `budget` allows.
 
@@ -247,7 +203,6 @@ def plan_growth(
     at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
     steps buys more filters for the same MACs. A widening that does not fit in full is shrunk
     to the widest step that does.
-    `step_scale` (speed_steps) multiplies each saturated unit's widen_ratio (--widen-by path-speed).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -266,7 +221,7 @@ def plan_growth(
         deepen_macs = {s: deepen_macs[s] for s in cheapest}
     # A new stage at half resolution when the last stage is as full as a deepening asks for.
     extend = extend_stages and morph.extended_spec(model) is not None and full(max(stages))
-    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend, step_scale)
+    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend)
     if order == "ratio":
         steps.sort(key=lambda st: (st[0] == "deepen", -ratios[st[1].name] if st[0] == "widen" else 0))
     else:

@@ -5,9 +5,7 @@ import torch
 import search_spaces
 from grow import morph
 from grow.cost import count_macs, count_params
-from grow.optim import DessiLBI
-from grow.policy import (Budget, fill_budget, lbi_param_groups, paced, path_positions, path_speeds, plan_growth,
-                         speed_steps)
+from grow.policy import Budget, fill_budget, paced, plan_growth
 from grow.spec import build
 
 
@@ -199,49 +197,3 @@ def test_growth_by_default_adds_new_filters_not_copies_of_old_ones():
         copied, _ = fill_budget(model, Budget(macs=2 * count_macs(model.spec)), ratios_for(model), reason="test",
                                 generator=torch.Generator().manual_seed(0), widen_init="split")
         assert max(_twin_share(copied.get_submodule(u.producers[0]).weight) for u in morph.units(copied)) > 0.3
-
-
-def test_path_speed_gives_the_faster_layer_the_larger_step():
-    """--widen-by path-speed: of two saturated layers, the one whose filters moved further along
-    Gamma's path in the round grows by more than widen_ratio, the slower by less, and the steps
-    average widen_ratio, so the budget fills as fast as with even steps."""
-    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
-    names = [u.name for u in morph.units(model)]
-    ratios = {n: 1.0 for n in names}
-    speeds = {n: 1.0 for n in names}
-    speeds[names[0]], speeds[names[1]] = 1.5, 0.5
-    scale = speed_steps(speeds, ratios, tau=0.9)
-    assert scale[names[0]] == pytest.approx(1.5) and scale[names[1]] == pytest.approx(0.5)
-    assert sum(scale.values()) / len(scale) == pytest.approx(1.0)
-    grown, _, _ = plan(model, ratios, step_scale=scale)
-    even, _, _ = plan(model, ratios)
-    width = {u.name: u.width for u in morph.units(model)}
-    got = {u.name: u.width for u in morph.units(grown)}
-    assert got[names[0]] - width[names[0]] > {u.name: u.width for u in morph.units(even)}[names[0]] - width[names[0]]
-    assert got[names[1]] == width[names[1]] + max(4, -(-width[names[1]] // 4))  # a quarter, at least 4
-
-
-def test_path_speed_ignores_unsaturated_layers_and_falls_back_to_even_steps():
-    ratios = {"a": 1.0, "b": 1.0, "c": 0.2}
-    scale = speed_steps({"a": 3.0, "b": 1.0, "c": 50.0}, ratios, tau=0.9, cap=2.0)
-    assert set(scale) == {"a", "b"}  # c asks for nothing, and its speed does not set the mean
-    assert scale == {"a": 1.5, "b": 0.5}
-    assert speed_steps({"a": 0.0, "b": 0.0, "c": 0.0}, ratios, tau=0.9) == {"a": 1.0, "b": 1.0}
-    assert speed_steps({"a": 9.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, tau=0.9, cap=1.6)["a"] == 1.6
-
-
-def test_path_positions_are_the_norms_of_each_filters_z():
-    model = build(search_spaces.get("vgg").seed((3, 16, 16), 10))
-    opt = DessiLBI(lbi_param_groups(model), lr=0.1, kappa=1.0, mu=5.0)
-    before = path_positions(model, opt)
-    assert all(float(p.abs().sum()) == 0 for p in before.values())  # Z starts at zero
-    for _ in range(3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(torch.rand(8, 3, 16, 16)), torch.randint(0, 10, (8,))).backward()
-        opt.step()
-    after = path_positions(model, opt)
-    unit = morph.units(model)[0]
-    z = opt.state[model.get_submodule(unit.producers[0]).weight]["z"]
-    assert torch.allclose(after[unit.name], z.flatten(1).norm(dim=1))
-    speeds = path_speeds(before, after)
-    assert speeds[unit.name] == pytest.approx(float(after[unit.name].mean())) and speeds[unit.name] > 0
