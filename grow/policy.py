@@ -170,17 +170,19 @@ def has_room(model: nn.Module, budget: Budget, *, widen_min: int, extend_stages:
 def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend):
     """(kind, target, extra MACs of the full step) of every growth step the ratios ask for;
     `deepen_macs` holds the MACs of the network with each stage to deepen one layer deeper."""
-    macs = count_macs(model.spec)
+    macs, params = count_macs(model.spec), count_params(model.spec)
     steps = []
     for unit in units:
         if ratios[unit.name] >= tau:
             target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
             spec = morph.widened_spec(model, {unit.name: target})
-            steps.append(("widen", unit, target, count_macs(spec) - macs))
-    for stage, deepened in deepen_macs.items():
-        steps.append(("deepen", stage, None, deepened - macs))
+            steps.append(("widen", unit, target, count_macs(spec) - macs, count_params(spec) - params))
+    for stage in deepen_macs:
+        spec = morph.deepened_spec(model, stage)
+        steps.append(("deepen", stage, None, count_macs(spec) - macs, count_params(spec) - params))
     if extend:
-        steps.append(("extend", len(morph.deepenable(model)), None, count_macs(morph.extended_spec(model)) - macs))
+        spec = morph.extended_spec(model)
+        steps.append(("extend", len(morph.deepenable(model)), None, count_macs(spec) - macs, count_params(spec) - params))
     return steps
 
 
@@ -216,6 +218,9 @@ def plan_growth(
     at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
     steps buys more filters for the same MACs. A widening that does not fit in full is shrunk
     to the widest step that does.
+    order "stage-first": the cost order, but a new stage before everything else. A widening can be
+    cut to fit what is left; a stage cannot, and under a tight budget the cost order spends the
+    round on cheap widenings and never adds it.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -237,11 +242,13 @@ def plan_growth(
     steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend)
     if order == "ratio":
         steps.sort(key=lambda st: (st[0] == "deepen", -ratios[st[1].name] if st[0] == "widen" else 0))
+    elif order == "stage-first":
+        steps.sort(key=lambda st: (st[0] != "extend", st[3]))
     else:
         steps.sort(key=lambda st: st[3])
     actions: list[Action] = []
     skipped: list[str] = []
-    for kind, target_of, target, _ in steps:
+    for kind, target_of, target, *_ in steps:
         if kind == "widen":
             grown = _widen_step(model, target_of, target, ratios, budget, tau, widen_min, generator, widen_init)
         elif kind == "extend":
@@ -256,7 +263,7 @@ def plan_growth(
     return model, actions, skipped
 
 
-ORDERS = ("ratio", "cost")
+ORDERS = ("ratio", "cost", "stage-first")
 
 
 def _widen_step(model, unit, target, ratios, budget, tau, widen_min, generator, widen_init):

@@ -90,6 +90,18 @@ def test_a_new_stage_counts_as_room_only_when_stages_may_be_added():
     assert not has_room(model, budget, widen_min=1000, extend_stages=False)
 
 
+def test_stage_first_adds_the_new_stage_that_the_cost_order_spends_on_widenings():
+    """Under a tight budget the cost order takes the round's cheap widenings first and no room is
+    left for the new stage; stage-first takes the stage, then widens with what is left."""
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    budget = Budget(macs=2_000_000)
+    everything = {u.name: 1.0 for u in morph.units(model)}
+    kinds = {order: [a.kind for a in plan(model, everything, budget, order=order, extend_stages=True)[1]]
+             for order in ("cost", "stage-first")}
+    assert "extend" not in kinds["cost"] and "widen" in kinds["cost"]
+    assert kinds["stage-first"][0] == "extend" and "widen" in kinds["stage-first"]
+
+
 def test_fully_saturated_stage_deepens(model):
     stage = morph.deepenable(model)[0]
     in_stage = {u.name for u in morph.units(model) if u.stage == stage}
