@@ -90,16 +90,18 @@ def test_a_new_stage_counts_as_room_only_when_stages_may_be_added():
     assert not has_room(model, budget, widen_min=1000, extend_stages=False)
 
 
-def test_stage_first_adds_the_new_stage_that_the_cost_order_spends_on_widenings():
-    """Under a tight budget the cost order takes the round's cheap widenings first and no room is
-    left for the new stage; stage-first takes the stage, then widens with what is left."""
+def test_a_new_stage_is_not_left_out_for_cheaper_widenings():
+    """Under a tight budget the round's cheap widenings would take every MAC before the new stage's
+    turn; the stage goes first then, and the widenings take what is left. With room for every step
+    the cost order stands (the stage is not the cheapest step, so it does not come first)."""
     model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
-    budget = Budget(macs=2_000_000)
     everything = {u.name: 1.0 for u in morph.units(model)}
-    kinds = {order: [a.kind for a in plan(model, everything, budget, order=order, extend_stages=True)[1]]
-             for order in ("cost", "stage-first")}
-    assert "extend" not in kinds["cost"] and "widen" in kinds["cost"]
-    assert kinds["stage-first"][0] == "extend" and "widen" in kinds["stage-first"]
+    tight = [a.kind for a in plan(model, everything, Budget(macs=2_000_000), order="cost", extend_stages=True)[1]]
+    assert tight[0] == "extend" and "widen" in tight
+    roomy = [a.kind for a in plan(model, everything, Budget(macs=20_000_000), order="cost", extend_stages=True)[1]]
+    assert "extend" in roomy and roomy[0] == "widen"
+    grown, actions, _ = plan(model, everything, Budget(macs=2_000_000), order="cost", extend_stages=True)
+    assert count_macs(grown.spec) <= 2_000_000 and len(morph.deepenable(grown)) == len(morph.deepenable(model)) + 1
 
 
 def test_fully_saturated_stage_deepens(model):
