@@ -28,7 +28,7 @@ from grow.fileio import write_json
 from grow.optim import DessiLBI
 from grow.baselines import classic_seed
 from grow.recipe import Recipe, merged
-from grow.policy import ORDERS, Budget, fill_budget, has_room, lbi_param_groups, paced, plan_growth, selection_ratios
+from grow.policy import ORDERS, Budget, fill_budget, lbi_param_groups, paced, plan_growth, selection_ratios
 from grow.report import NullReporter, Reporter
 from grow.spec import build
 from grow.train import PRECISIONS, Accelerated, Diverged, evaluate, grad_scaler, resolve_precision, train_epoch
@@ -458,10 +458,6 @@ class _Run:
                 round_record["stop"] = ("no growth step fits the budget" if saturated
                                         else f"no layer is saturated (selection ratio >= tau {c.tau}) and the "
                                              f"Gamma path has settled (no ratio rose by {SETTLED_RISE} this round)")
-            if not done and not has_room(model, self.budget, widen_min=c.widen_min, extend_stages=c.extend_stages):
-                done = True
-                round_record["stop"] = (f"the budget is full: no step of --widen-min {c.widen_min} filters, "
-                                        f"no layer and no stage fits any more")
         round_record["seconds"] = time.perf_counter() - start
         self.history["rounds"].append(round_record)
         self.reporter.round_end(round_record, units)

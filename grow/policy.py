@@ -154,19 +154,6 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
                    for name, w in target.items()]
 
 
-def has_room(model: nn.Module, budget: Budget, *, widen_min: int, extend_stages: bool = False) -> bool:
-    """Whether any growth step could still fit `budget`: `widen_min` more filters in some unit, one
-    more layer in some stage, or (with `extend_stages`) a new stage. When none does, no later round can
-    grow whatever Gamma reads, so growth is over: one more DessiLBI round at full size would only
-    find that out, and its batches serve the fine-tune better (bench/RESULTS.md, thirteenth wave)."""
-    if any(budget.fits(morph.widened_spec(model, {u.name: u.width + widen_min})) for u in morph.units(model)):
-        return True
-    if any(budget.fits(morph.deepened_spec(model, stage)) for stage in morph.deepenable(model)):
-        return True
-    spec = morph.extended_spec(model) if extend_stages else None
-    return spec is not None and budget.fits(spec)
-
-
 def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend):
     """(kind, target, extra MACs of the full step) of every growth step the ratios ask for;
     `deepen_macs` holds the MACs of the network with each stage to deepen one layer deeper."""

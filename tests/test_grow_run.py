@@ -12,7 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import grow
 from grow.controller import grow_network
 from grow.errors import GrowError
-from grow.policy import Budget, has_room
 from grow.report import Reporter
 from tests.helpers import ROOT, run_cli, tiny_config
 
@@ -200,20 +199,3 @@ def test_round_steps_shortens_rounds_and_the_finetune_trains_what_they_left(tmp_
     assert finetune["round_steps"] == 5 * len(round_epochs)
     assert finetune["steps"] == config.total_epochs() * finetune_per_epoch - 5 * len(round_epochs)
     assert sum(e["images"] for e in finetune["epochs"]) == finetune["steps"] * batch
-
-
-def test_growth_ends_in_the_round_that_fills_the_budget(tmp_path):
-    """Once no step of --widen-min filters, no layer and no stage fits, no later round could grow: the
-    run stops growing in the round that filled the budget, instead of training one more DessiLBI round
-    at full size to find that out, and the fine-tune trains that round's batches."""
-    config = tiny_config(tmp_path / "full", budget_macs=1_000_000, max_rounds=6, fill_by=0)
-    result = grow_network(config)
-    rounds, final = result.history["rounds"], result.history["final"]
-    assert len(rounds) < config.max_rounds
-    assert rounds[-1]["actions"] and "the budget is full" in rounds[-1]["stop"]
-    assert final["macs"] <= 1_000_000
-    assert not has_room(result.model, Budget(macs=1_000_000), widen_min=config.widen_min,
-                        extend_stages=config.extend_stages)
-    sizes = result.history["dataset"]
-    per_epoch = (sizes["train"] + sizes["val"]) // config.batch_size
-    assert result.history["finetune"]["steps"] == config.total_epochs() * per_epoch - result.history["finetune"]["round_steps"]

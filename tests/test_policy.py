@@ -5,7 +5,7 @@ import torch
 import search_spaces
 from grow import morph
 from grow.cost import count_macs, count_params
-from grow.policy import Budget, fill_budget, has_room, paced, plan_growth
+from grow.policy import Budget, fill_budget, paced, plan_growth
 from grow.spec import build
 
 
@@ -66,28 +66,6 @@ def test_nothing_fits_stops_with_a_reason(model):
     assert actions == []
     assert notes and all("budget" in n for n in notes)
     assert grown.spec == model.spec
-
-
-def test_room_is_left_while_the_cheapest_step_fits_and_gone_once_it_does_not(model):
-    """has_room asks for the cheapest possible step: widen_min filters in the cheapest unit, a layer,
-    or a stage. Just above the model's cost that step fits; at exactly its cost nothing does."""
-    macs = count_macs(model.spec)
-    cheapest = min(count_macs(morph.widened_spec(model, {u.name: u.width + 4})) for u in morph.units(model))
-    assert has_room(model, Budget(macs=cheapest), widen_min=4)
-    assert not has_room(model, Budget(macs=cheapest - 1), widen_min=4) or any(
-        count_macs(morph.deepened_spec(model, s)) < cheapest for s in morph.deepenable(model))
-    assert not has_room(model, Budget(macs=macs), widen_min=4)
-    assert has_room(model, Budget(), widen_min=4)
-
-
-def test_a_new_stage_counts_as_room_only_when_stages_may_be_added():
-    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
-    extended = morph.extended_spec(model)
-    budget = Budget(macs=count_macs(extended))
-    # no widening of 1,000 filters fits; the new stage at 2x2 pixels is cheaper than any new layer
-    assert all(count_macs(morph.deepened_spec(model, s)) > budget.macs for s in morph.deepenable(model))
-    assert has_room(model, budget, widen_min=1000, extend_stages=True)
-    assert not has_room(model, budget, widen_min=1000, extend_stages=False)
 
 
 def test_a_new_stage_is_not_left_out_for_cheaper_widenings():
