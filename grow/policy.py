@@ -206,8 +206,9 @@ def plan_growth(
     In the cost order a new stage that the cheaper steps left no room for, but that fits on its own,
     goes first and the rest follow cheapest first: a widening can be cut to fit what is left, a stage
     cannot, and under a tight budget (2.5M MACs and less on 32x32 pictures) the cheap widenings of
-    round 1 otherwise take every MAC and no later round can add it. At 2M MACs on the CIFAR-10
-    pictures the stage was worth ~1.5 points (bench/RESULTS.md, thirteenth wave).
+    round 1 otherwise take every MAC and no later round can add it. On the CIFAR-10 pictures keeping
+    the stage was worth +1.35 points at 2M MACs and +1.53 at 2.5M, six seeds each (bench/RESULTS.md,
+    thirteenth wave).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")

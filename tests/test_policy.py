@@ -74,12 +74,12 @@ def test_a_new_stage_is_not_left_out_for_cheaper_widenings():
     the cost order stands (the stage is not the cheapest step, so it does not come first)."""
     model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
     everything = {u.name: 1.0 for u in morph.units(model)}
-    tight = [a.kind for a in plan(model, everything, Budget(macs=2_000_000), order="cost", extend_stages=True)[1]]
+    grown, actions, _ = plan(model, everything, Budget(macs=2_000_000), order="cost", extend_stages=True)
+    tight = [a.kind for a in actions]
     assert tight[0] == "extend" and "widen" in tight
+    assert count_macs(grown.spec) <= 2_000_000 and len(morph.deepenable(grown)) == len(morph.deepenable(model)) + 1
     roomy = [a.kind for a in plan(model, everything, Budget(macs=20_000_000), order="cost", extend_stages=True)[1]]
     assert "extend" in roomy and roomy[0] == "widen"
-    grown, actions, _ = plan(model, everything, Budget(macs=2_000_000), order="cost", extend_stages=True)
-    assert count_macs(grown.spec) <= 2_000_000 and len(morph.deepenable(grown)) == len(morph.deepenable(model)) + 1
 
 
 def test_fully_saturated_stage_deepens(model):
