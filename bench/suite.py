@@ -74,15 +74,15 @@ def run_grown(config: GrowConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(dataset, data_dir, val_fraction, seed, train_subset, download):
+def _load(dataset, data_dir, val_fraction, seed, train_subset, download, image_size):
     return load_dataset(dataset, data_dir, val_fraction=val_fraction, seed=seed, train_subset=train_subset,
-                        download=download)
+                        download=download, image_size=image_size)
 
 
 def splits_of(config: GrowConfig):
     """The splits every row of a seed trains on (read once per seed)."""
     return _load(config.dataset, config.data_dir, config.val_fraction, config.seed, config.train_subset,
-                 config.download)
+                 config.download, config.image_size)
 
 
 def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int, lr: float = SCRATCH_LR) -> dict:
