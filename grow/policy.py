@@ -202,7 +202,8 @@ def plan_growth(
     order "cost": every asked-for step, widening or deepening, cheapest in MACs first: a filter
     at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
     steps buys more filters for the same MACs. A widening that does not fit in full is shrunk
-    to the widest step that does.
+    to the widest step that does. A deepening waits for the widening of its stage's last layer, whose
+    width the new layer copies (see _deepen_after_widening).
     In the cost order a new stage that the cheaper steps left no room for, but that fits on its own,
     goes first and the rest follow cheapest first: a widening can be cut to fit what is left, a stage
     cannot, and under a tight budget (2.5M MACs and less on 32x32 pictures) the cheap widenings of
@@ -250,8 +251,9 @@ def _deepen_after_widening(steps: list) -> list:
     leaves one layer of the old width behind, and every later round adds another: at 96x96 pixels and
     above, where a widening at full resolution costs more than a new narrow layer, the cost order had
     grown stage 0 into [34, 27, 18, 12, 8] before a stage of 82 filters (bench/schedule.py), a
-    bottleneck no one would draw. Where the widening comes first anyway (every budget on 28x28 and
-    32x32 pictures) nothing changes.
+    bottleneck no one would draw; waiting was worth +0.98 points there (CIFAR-10 pictures upsampled
+    to 96x96, 15M MACs, six seeds; bench/RESULTS.md, fourteenth wave). Where the widening comes first
+    anyway (28x28 and 32x32 pictures up to 40M MACs) nothing changes.
     """
     last_layer = {}  # stage -> name of its last layer's unit, whose width a new layer copies
     for st in steps:
