@@ -202,8 +202,8 @@ def plan_growth(
     order "cost": every asked-for step, widening or deepening, cheapest in MACs first: a filter
     at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
     steps buys more filters for the same MACs. A widening that does not fit in full is shrunk
-    to the widest step that does. A deepening waits for the widening of its stage's last layer, whose
-    width the new layer copies (see _deepen_after_widening).
+    to the widest step that does. A deepening waits for the widenings of its stage's layers, since
+    the new layer copies the last one's width (see _deepen_after_widening).
     In the cost order a new stage that the cheaper steps left no room for, but that fits on its own,
     goes first and the rest follow cheapest first: a widening can be cut to fit what is left, a stage
     cannot, and under a tight budget (2.5M MACs and less on 32x32 pictures) the cheap widenings of
@@ -245,7 +245,8 @@ def plan_growth(
 
 
 def _deepen_after_widening(steps: list) -> list:
-    """`steps` with each deepening moved behind the widenings of its own stage.
+    """`steps` with each deepening moved behind the widenings of its own stage's layers (not of a
+    stream or head unit that belongs to the stage), so the stage's widths settle before it grows.
 
     A new layer copies its stage's last width, so a deepening taken before that stage's widening
     leaves one layer of the old width behind, and every later round adds another: at 96x96 pixels and
@@ -255,14 +256,11 @@ def _deepen_after_widening(steps: list) -> list:
     to 96x96, 15M MACs, six seeds; bench/RESULTS.md, fourteenth wave). Where the widening comes first
     anyway (28x28 and 32x32 pictures up to 40M MACs) nothing changes.
     """
-    last_layer = {}  # stage -> name of its last layer's unit, whose width a new layer copies
-    for st in steps:
-        if st[0] == "widen" and st[1].name.startswith(f"stages.{st[1].stage}."):
-            last_layer[st[1].stage] = st[1].name
     ordered = [st for st in steps if st[0] != "deepen"]
     for step in (st for st in steps if st[0] == "deepen"):
         at = next((i for i, st in enumerate(ordered) if st[3] > step[3]), len(ordered))
-        own = [i + 1 for i, st in enumerate(ordered) if st[0] == "widen" and st[1].name == last_layer.get(step[1])]
+        own = [i + 1 for i, st in enumerate(ordered)
+               if st[0] == "widen" and st[1].name.startswith(f"stages.{step[1]}.")]
         ordered.insert(max([at, *own]), step)
     return ordered
 

@@ -87,11 +87,10 @@ def test_a_deepened_stage_keeps_the_width_it_widened_to():
     deepened first and the new layer kept the old width: every round left a narrower layer at the end
     of stage 0, a bottleneck before stage 1. The deepening now follows its stage's widenings."""
     model = build(search_spaces.get("vgg").seed((3, 96, 96), 10))
-    everything = {u.name: 1.0 for u in morph.units(model)}
     for _ in range(3):
+        everything = {u.name: 1.0 for u in morph.units(model)}
         model, actions, _ = plan(model, everything, Budget(macs=100_000_000), order="cost", max_deepen=1)
         assert "deepen" in [a.kind for a in actions]
-        everything = {u.name: 1.0 for u in morph.units(model)}
     first_stage = [u.width for u in morph.units(model) if u.stage == 0]
     assert len(first_stage) == 4 and len(set(first_stage)) == 1
 
