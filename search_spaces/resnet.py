@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from grow.spec import ArchSpec, SpecError, check_keys
-from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, large, linear_row,
-                                  scaled, stem_kind, stem_layout, stem_pool)
+from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, identity_bn_,
+                                  identity_conv_, large, linear_row, scaled, stem_kind, stem_layout, stem_pool)
 
 NAME = "resnet"
 CLASSIC_DEPTH = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
@@ -202,3 +202,41 @@ def init_new_layer(model: nn.Module, stage: int) -> None:
         bn = model.stages[stage][-1].conv2.bn
         bn.weight.zero_()
         bn.bias.zero_()
+
+
+def _last_size(spec: ArchSpec) -> int:
+    """Shorter side of the feature map the last stage works on."""
+    strided = stem_kind(spec.body) == "strided"
+    size = conv_out(min(spec.input_shape[1:]), *stem_layout(strided))
+    size = conv_out(size, 3, 2) if strided else size
+    for _ in spec.body["stages"][1:]:
+        size = conv_out(size, 3, 2)
+    return size
+
+
+def extend_spec(spec: ArchSpec) -> Optional[ArchSpec]:
+    """`spec` with one more stage at half the last stage's resolution, one block twice as wide as the
+    last stage (ResNet-18 on CIFAR runs a fourth stage at 4x4 pixels); None when half the last stage's
+    side is under 2 pixels, as for vgg (a 3x3 map taken to 2x2 lost on 28x28 and 96x96 pictures,
+    bench/RESULTS.md, fifteenth wave)."""
+    if _last_size(spec) // 2 < 2:
+        return None
+    width = 2 * spec.body["stages"][-1]["width"]
+    return _spec(spec, _copy(spec) + [{"width": width, "blocks": [width]}])
+
+
+def init_new_stage(model: nn.Module) -> None:
+    """The new stage's block starts as its shortcut alone: the branch ends in a BatchNorm of weight 0
+    (as an appended block), and the 1x1 stride-2 shortcut passes the old stream's channels through
+    (identity kernel and BN; ReLU of the non-negative stream changes nothing). Its other channels are
+    random projections at the identity rows' norm, which the classifier does not read yet. Not exactly
+    function-preserving: the classifier now averages every other pixel of the old last map."""
+    block = model.stages[-1][0]
+    old = block.shortcut.conv.in_channels
+    with torch.no_grad():
+        new_rows = block.shortcut.conv.weight[old:].clone()
+        identity_conv_(block.shortcut.conv)
+        block.shortcut.conv.weight[old:] = new_rows / new_rows.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        identity_bn_(block.shortcut.bn)
+        block.conv2.bn.weight.zero_()
+        block.conv2.bn.bias.zero_()

@@ -272,4 +272,30 @@ def test_extend_adds_a_half_resolution_stage_that_starts_as_the_old_features():
     with pytest.raises(ValueError, match="another stage"):
         grow.morph.extend(grown)
     # Families without stages to add say so.
-    assert grow.morph.extended_spec(build(search_spaces.get("resnet").seed((3, 32, 32), 10))) is None
+    assert grow.morph.extended_spec(build(search_spaces.get("mobilenet").seed((3, 32, 32), 10))) is None
+
+
+def test_resnet_extend_adds_a_stride_2_stage_whose_shortcut_passes_the_old_stream():
+    """A ResNet's new stage is one block twice as wide at half the resolution; it starts as its
+    shortcut alone, which passes the old stream's channels through (at every other pixel), and the
+    classifier does not read its new channels yet. Stages stop at 2 pixels a side."""
+    spec = search_spaces.get("resnet").seed((3, 32, 32), 10)
+    model = trained_like(spec)
+    grown = grow.morph.extend(model)
+    width = spec.body["stages"][-1]["width"]
+    assert grown.spec.body["stages"] == spec.body["stages"] + [{"width": 2 * width, "blocks": [2 * width]}]
+    assert_carried(model, grown)
+    assert count_macs(grown.spec) == measure_macs(grown)
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        features = model.stem(model.normalize(x))
+        for blocks in model.stages:
+            for block in blocks:
+                features = block(features)
+        through = grown.eval().stages[-1][0](features)
+    assert through.shape[-1] == 4
+    assert torch.allclose(through[:, :width], features[:, :, ::2, ::2], atol=1e-5)
+    assert torch.all(grown.classifier.weight[:, width:] == 0)
+    assert grow.morph.extended_spec(grown) is not None  # 4x4 -> 2x2
+    smallest = grow.morph.extend(grown)
+    assert grow.morph.extended_spec(smallest) is None  # 2x2 -> 1x1: refused
