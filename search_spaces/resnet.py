@@ -158,7 +158,8 @@ def layers(spec: ArchSpec) -> list[dict]:
             row2, _ = conv_row(f"stages.{s}.{b}.conv2.conv", inner, stage["width"], 3, 1, out_hw)
             rows += [row1, row2]
             if _has_projection(s, b):
-                rows.append(conv_row(f"stages.{s}.{b}.shortcut.conv", c, stage["width"], 1, stride, hw)[0])
+                # a 1x1 conv at stride 1 on every other pixel (see BasicBlock)
+                rows.append(conv_row(f"stages.{s}.{b}.shortcut.conv", c, stage["width"], 1, 1, out_hw)[0])
             hw, c = out_hw, stage["width"]
     rows.append(linear_row("classifier", c, spec.num_classes))
     return rows
