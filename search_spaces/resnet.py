@@ -236,7 +236,7 @@ def extend_spec(spec: ArchSpec) -> Optional[ArchSpec]:
 
 def init_new_stage(model: nn.Module) -> None:
     """The new stage's block starts as its shortcut alone: the branch ends in a BatchNorm of weight 0
-    (as an appended block), and the 1x1 stride-2 shortcut passes the old stream's channels through
+    (as an appended block), and the 1x1 shortcut (on every other pixel) passes the old stream's channels through
     (identity kernel and BN; ReLU of the non-negative stream changes nothing). Its other channels are
     random projections at the identity rows' norm, which the classifier does not read yet. Not exactly
     function-preserving: the classifier now averages every other pixel of the old last map."""
