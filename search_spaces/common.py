@@ -119,3 +119,14 @@ def identity_bn_(bn: nn.BatchNorm2d) -> None:
     with torch.no_grad():
         bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps))
         bn.bias.copy_(bn.running_mean)
+
+
+def pass_through_(layer: ConvBN) -> None:
+    """Make a new stage's widening conv+BN pass its input through: identity kernel and BN on the channels
+    it has as input, and its further (random) filters kept, scaled to the identity rows' norm (1)."""
+    old = layer.conv.in_channels
+    with torch.no_grad():
+        new_rows = layer.conv.weight[old:].clone()
+        identity_conv_(layer.conv)
+        layer.conv.weight[old:] = new_rows / new_rows.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    identity_bn_(layer.bn)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from grow.spec import ArchSpec, SpecError, check_keys
-from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, identity_bn_,
-                                  identity_conv_, large, linear_row, scaled, stem_kind, stem_layout, stem_pool)
+from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, large, linear_row,
+                                  pass_through_, scaled, stem_kind, stem_layout, stem_pool)
 
 NAME = "resnet"
 CLASSIC_DEPTH = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
@@ -241,11 +241,7 @@ def init_new_stage(model: nn.Module) -> None:
     random projections at the identity rows' norm, which the classifier does not read yet. Not exactly
     function-preserving: the classifier now averages every other pixel of the old last map."""
     block = model.stages[-1][0]
-    old = block.shortcut.conv.in_channels
+    pass_through_(block.shortcut)
     with torch.no_grad():
-        new_rows = block.shortcut.conv.weight[old:].clone()
-        identity_conv_(block.shortcut.conv)
-        block.shortcut.conv.weight[old:] = new_rows / new_rows.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        identity_bn_(block.shortcut.bn)
         block.conv2.bn.weight.zero_()
         block.conv2.bn.bias.zero_()

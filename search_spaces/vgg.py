@@ -15,7 +15,8 @@ from torch import nn
 
 from grow.spec import ArchSpec, SpecError, check_keys
 from search_spaces.common import (ConvBN, Normalize, check_stem, check_width, conv_out, conv_row, identity_bn_,
-                                  identity_conv_, large, linear_row, scaled, stem_kind, stem_layout, stem_pool)
+                                  identity_conv_, large, linear_row, pass_through_, scaled, stem_kind, stem_layout,
+                                  stem_pool)
 
 NAME = "vgg"
 CLASSIC = {
@@ -190,13 +191,7 @@ def init_new_stage(model: nn.Module) -> None:
     (identity kernel and BN, ReLU of non-negative input), the rest are new filters whose classifier
     weights are zero. What changes is the pooling: the classifier now averages the 2x2 max-pooled
     map instead of the whole one, which shifts the logits a little; training takes it from there."""
-    layer = model.stages[-1][0]
-    old = layer.conv.in_channels
-    with torch.no_grad():
-        new_rows = layer.conv.weight[old:].clone()  # random: keep them, at the identity rows' norm (1)
-        identity_conv_(layer.conv)
-        layer.conv.weight[old:] = new_rows / new_rows.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        identity_bn_(layer.bn)
+    pass_through_(model.stages[-1][0])
 
 
 def init_new_layer(model: nn.Module, stage: int) -> None:
