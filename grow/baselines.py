@@ -53,6 +53,24 @@ def hand_shapes(family_name: str, input_shape, num_classes: int,
     return shapes
 
 
+def small_seed(family_name: str, input_shape, num_classes: int, budget: Budget, share: float,
+               normalization: Optional[dict] = None) -> ArchSpec:
+    """The family's small seed, every width narrowed by one factor to `share` of the budget where it
+    costs more. A seed that takes most of the budget leaves growth nothing to decide: resnet's seed
+    costs 83% of 3M MACs on 28x28 pictures and grew into a network no better than ResNet-20 scaled
+    (bench/RESULTS.md, seventeenth wave), and one above the budget could not start at all. Where even
+    the narrowest seed does not fit, the seed is returned as it is and the caller reports the budget."""
+    seed = search_spaces.get(family_name).seed(input_shape, num_classes, normalization=normalization)
+    part = Budget(None if budget.macs is None else int(budget.macs * share),
+                  None if budget.params is None else int(budget.params * share))
+    if part.fits(seed):
+        return seed
+    try:
+        return scale_to_budget(seed, part)
+    except ValueError:
+        return seed
+
+
 def classic_seed(family_name: str, input_shape, num_classes: int, budget: Budget, fraction: float,
                  normalization: Optional[dict] = None) -> ArchSpec:
     """The family's classic member (the shape a practitioner would scale) narrowed to `fraction`
