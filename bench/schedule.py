@@ -35,7 +35,7 @@ def scheduled_shape(input_shape: tuple[int, ...], num_classes: int, budget: Budg
                     config: GrowConfig = GrowConfig()) -> ArchSpec:
     """The spec growth ends with when every unit is saturated in each of `rounds` rounds and the
     rest of the budget is spent after the last one (as --fill-by does)."""
-    model = build(small_seed(config.space, input_shape, num_classes, budget, config.seed_max_share))
+    model = build(small_seed(config.space, input_shape, num_classes, budget, config.seed_share))
     for index in range(1, rounds + 1):
         ratios = {u.name: 1.0 for u in morph.units(model)}
         generator = torch.Generator().manual_seed(index)
@@ -54,10 +54,10 @@ def main() -> None:
     p.add_argument("--order", choices=ORDERS, default=GrowConfig().order)
     p.add_argument("--widen-ratio", type=float, default=GrowConfig().widen_ratio)
     p.add_argument("--deepen-per-round", type=int, default=GrowConfig().deepen_per_round)
-    p.add_argument("--seed-max-share", type=float, default=GrowConfig().seed_max_share)
+    p.add_argument("--seed-share", type=float, default=GrowConfig().seed_share)
     args = p.parse_args()
     config = GrowConfig(space=args.space, order=args.order, widen_ratio=args.widen_ratio,
-                        deepen_per_round=args.deepen_per_round, seed_max_share=args.seed_max_share)
+                        deepen_per_round=args.deepen_per_round, seed_share=args.seed_share)
     spec = scheduled_shape(tuple(int(x) for x in args.input.split(",")), args.classes, Budget(args.budget_flops),
                            args.rounds, config)
     print(f"{spec.body['stages']}  {count_macs(spec):,} MACs  {count_params(spec):,} params")

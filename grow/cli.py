@@ -89,10 +89,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     g.add_argument("--seed-fraction", type=float, default=d.seed_fraction,
                    help="share of the budget the classic-shaped seed costs (default %(default)s)")
-    g.add_argument("--seed-max-share", type=float, default=d.seed_max_share,
-                   help="the small seed is narrowed (every width by one factor) where it costs more than this "
-                        "share of the budget, so growth has room to decide (1: only where it would not fit; "
-                        "default 1/3)")
+    g.add_argument("--seed-share", type=float, default=d.seed_share,
+                   help="where the budget cannot pay for the small seed plus the new stage growth would add, "
+                        "the seed is narrowed (every width by one factor) to this share of the budget, so "
+                        "growth has room to decide (default 1/3)")
     g.add_argument("--epochs-per-round", type=int, default=d.epochs_per_round)
     g.add_argument("--round-steps", type=int, default=d.round_steps,
                    help="most batches one round trains, however large the dataset; the fine-tune trains the "

@@ -131,7 +131,7 @@ class GrowConfig:
     finetune_on_val: bool = True
     seed_shape: str = "small"
     seed_fraction: float = 0.15
-    seed_max_share: float = 1 / 3
+    seed_share: float = 1 / 3
     order: str = "cost"
     deepen: str = "with-widen"
     pace_rounds: int = 0
@@ -226,8 +226,8 @@ class GrowConfig:
             raise GrowError(f"seed-shape must be small or classic, got {self.seed_shape!r}")
         if not 0 < self.seed_fraction < 1:
             raise GrowError(f"seed-fraction must be between 0 and 1, got {self.seed_fraction}")
-        if not 0 < self.seed_max_share <= 1:
-            raise GrowError(f"seed-max-share must be above 0 and at most 1, got {self.seed_max_share}")
+        if not 0 < self.seed_share <= 1:
+            raise GrowError(f"seed-share must be above 0 and at most 1, got {self.seed_share}")
         if not 0 < self.tau <= 1:
             raise GrowError(f"tau must be in (0, 1], got {self.tau}")
         if self.stream not in ("auto", "on", "off"):
@@ -336,7 +336,7 @@ class _Run:
                                 self.config.seed_fraction, normalization)
         else:
             spec = small_seed(self.config.space, info.input_shape, info.num_classes, self.budget,
-                              self.config.seed_max_share, normalization)
+                              self.config.seed_share, normalization)
         torch.manual_seed(self.config.seed)
         model = build(spec)
         if not self.budget.fits(model):

@@ -129,6 +129,16 @@ def test_seed_above_budget_is_reported(tmp_path):
         grow_network(tiny_config(tmp_path / "small", budget_macs=1000))
 
 
+def test_a_seed_above_the_budget_is_narrowed_and_grows(tmp_path):
+    import search_spaces
+    from grow.cost import count_macs
+    budget = count_macs(search_spaces.get("resnet").seed((3, 16, 16), 10)) // 2
+    out = tmp_path / "narrow"
+    grow_network(tiny_config(out, space="resnet", budget_macs=budget, max_rounds=2, train_subset=1000))
+    history = json.loads((out / "history.json").read_text())
+    assert history["rounds"][0]["macs"] <= budget / 3 < history["finetune"]["macs"] <= budget
+
+
 @pytest.mark.slow
 def test_sigkill_in_second_round_then_resume(tmp_path):
     out = tmp_path / "killed"

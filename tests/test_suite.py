@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import search_spaces
-from grow.baselines import HAND_SHAPES, classic_seed, hand_shapes, scale_to_budget, width_factor
+from grow.baselines import HAND_SHAPES, classic_seed, hand_shapes, scale_to_budget, small_seed, width_factor
 from grow.controller import GrowConfig
 from grow.cost import count_macs, count_params
 from grow.policy import Budget
@@ -43,6 +43,28 @@ def test_classic_seed_has_the_classic_depth_at_a_fraction_of_the_budget():
     assert [len(s) for s in seed.body["stages"]] == [len(s) for s in classic.body["stages"]]
     assert count_macs(seed) <= 0.15 * budget.macs
     assert count_macs(scale_to_budget(classic, budget)) > 5 * count_macs(seed)
+
+
+def test_a_seed_that_leaves_no_room_for_a_new_stage_is_narrowed_to_its_share():
+    resnet = search_spaces.get("resnet").seed((1, 28, 28), 10)
+    budget = Budget(macs=3_000_000)
+    assert count_macs(resnet) <= budget.macs < count_macs(search_spaces.get("resnet").extend_spec(resnet))
+    seed = small_seed("resnet", (1, 28, 28), 10, budget, 1 / 3)
+    assert 0.8 * budget.macs / 3 < count_macs(seed) <= budget.macs / 3  # the widest narrowing within the share
+    assert [len(s["blocks"]) for s in seed.body["stages"]] == [len(s["blocks"]) for s in resnet.body["stages"]]
+    assert seed.body["stages"][0]["width"] < resnet.body["stages"][0]["width"]
+    # Share 1 narrows only as far as the budget itself; a seed above the budget is narrowed into it.
+    assert small_seed("resnet", (1, 28, 28), 10, budget, 1.0) == resnet
+    assert count_macs(small_seed("resnet", (3, 32, 32), 10, Budget(macs=2_000_000), 1.0)) <= 2_000_000
+
+
+def test_a_seed_with_room_for_its_new_stage_stays_as_the_family_defines_it():
+    vgg = search_spaces.get("vgg").seed((3, 32, 32), 10)
+    budget = Budget(macs=2_000_000)
+    assert count_macs(vgg) > budget.macs / 2  # over half the budget, but the new stage still fits
+    assert small_seed("vgg", (3, 32, 32), 10, budget, 1 / 3) == vgg
+    assert small_seed("resnet", (1, 28, 28), 10, Budget(macs=20_000_000), 1 / 3) == \
+        search_spaces.get("resnet").seed((1, 28, 28), 10)
 
 
 def test_every_row_trains_the_same_epochs_on_the_same_data(tmp_path):
