@@ -56,16 +56,16 @@ def _copy(body: dict) -> dict:
 
 
 def seed(input_shape, num_classes: int, normalization: Optional[dict] = None, width: Optional[int] = None) -> ArchSpec:
-    """Stem w, three stages of one block (widths w, 2w, 3w; expansion 2), a 1x1 head of 8w (w = 8).
-    Above 64 pixels, MobileNetV2's total stride of 32: a stride-2 stem, every stage at stride 2
-    and a fourth stage of 4w (on 224x224 the blocks run at 56, 28, 14 and 7 pixels)."""
+    """Stem w, four stages of one block (widths w, 2w, 3w, 4w; expansion 2, the last 1.5), a 1x1 head of
+    8w (w = 8): on 32x32 pictures the blocks run at 32, 16, 8 and 4 pixels, as MobileNetV2's CIFAR
+    adaptation reaches 4x4. Above 64 pixels, MobileNetV2's total stride of 32: a stride-2 stem and every
+    stage at stride 2 (on 224x224 the blocks run at 56, 28, 14 and 7 pixels)."""
     w = width or 8
     stages = [{"width": w, "stride": 1, "blocks": [2 * w]}, {"width": 2 * w, "stride": 2, "blocks": [2 * w]},
-              {"width": 3 * w, "stride": 2, "blocks": [4 * w]}]
+              {"width": 3 * w, "stride": 2, "blocks": [4 * w]}, {"width": 4 * w, "stride": 2, "blocks": [6 * w]}]
     body = {"stem": w, "stem_stride": 1, "stages": stages, "head": 8 * w}
     if large(input_shape):
         stages[0]["stride"] = 2
-        stages.append({"width": 4 * w, "stride": 2, "blocks": [6 * w]})
         body["stem_stride"] = 2
     return ArchSpec(NAME, tuple(input_shape), num_classes, body, normalization)
 
