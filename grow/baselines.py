@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import search_spaces
+from grow import morph
 from grow.policy import Budget, largest_factor
 from grow.spec import ArchSpec
 from search_spaces.common import large
@@ -53,6 +54,12 @@ def hand_shapes(family_name: str, input_shape, num_classes: int,
     return shapes
 
 
+def _share_of(budget: Budget, fraction: float) -> Budget:
+    """`fraction` of each limit the budget sets."""
+    return Budget(None if budget.macs is None else int(budget.macs * fraction),
+                  None if budget.params is None else int(budget.params * fraction))
+
+
 def small_seed(family_name: str, input_shape, num_classes: int, budget: Budget, share: float,
                normalization: Optional[dict] = None) -> ArchSpec:
     """The family's small seed, every width narrowed by one factor to `share` of the budget where the
@@ -63,14 +70,11 @@ def small_seed(family_name: str, input_shape, num_classes: int, budget: Budget, 
     narrowed, it grew two stages and led by 0.9 (bench/RESULTS.md, seventeenth wave). Where the new stage
     fits, the seed stays: narrowing vgg's seed at 2M MACs on 32x32 pictures (55% of the budget) lost 0.6-1.2
     points. Where even the narrowest seed does not fit, it is returned as it is and the caller reports it."""
-    family = search_spaces.get(family_name)
-    seed = family.seed(input_shape, num_classes, normalization=normalization)
-    extend = getattr(family, "extend_spec", None)
-    extended = extend(seed) if extend else None
+    seed = search_spaces.get(family_name).seed(input_shape, num_classes, normalization=normalization)
+    extended = morph.extended_spec(seed)
     if budget.fits(extended if extended is not None else seed):
         return seed
-    part = Budget(None if budget.macs is None else int(budget.macs * share),
-                  None if budget.params is None else int(budget.params * share))
+    part = _share_of(budget, share)
     if part.fits(seed):
         return seed
     try:
@@ -84,6 +88,4 @@ def classic_seed(family_name: str, input_shape, num_classes: int, budget: Budget
     """The family's classic member (the shape a practitioner would scale) narrowed to `fraction`
     of the budget: a seed with the classic member's depth, whose widths growth then allocates."""
     classic = hand_shapes(family_name, input_shape, num_classes, normalization)["classic"]
-    part = Budget(None if budget.macs is None else int(budget.macs * fraction),
-                  None if budget.params is None else int(budget.params * fraction))
-    return scale_to_budget(classic, part)
+    return scale_to_budget(classic, _share_of(budget, fraction))

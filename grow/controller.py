@@ -329,7 +329,6 @@ class _Run:
                 raise GrowError(f"{self.config.from_model} already needs {count_macs(model.spec):,} MACs and "
                                 f"{count_params(model.spec):,} parameters, above the budget; raise the budget")
             return model.to(self.device)
-        family = search_spaces.get(self.config.space)
         normalization = {"mean": list(info.mean), "std": list(info.std)}
         if self.config.seed_shape == "classic" and (self.budget.macs or self.budget.params):
             spec = classic_seed(self.config.space, info.input_shape, info.num_classes, self.budget,

@@ -80,11 +80,12 @@ def deepened_spec(model: nn.Module, stage: int) -> ArchSpec:
     return _family(model.spec).deepen_spec(model.spec, stage)
 
 
-def extended_spec(model: nn.Module) -> Optional[ArchSpec]:
-    """The spec `extend(model)` would build, or None where the family or the image size allows no
-    further stage."""
-    extend_spec = getattr(_family(model.spec), "extend_spec", None)
-    return extend_spec(model.spec) if extend_spec else None
+def extended_spec(model: nn.Module | ArchSpec) -> Optional[ArchSpec]:
+    """The spec `extend(model)` would build (for a model, or a spec: nothing is built), or None where the
+    family or the image size allows no further stage."""
+    spec = getattr(model, "spec", model)
+    extend_spec = getattr(_family(spec), "extend_spec", None)
+    return extend_spec(spec) if extend_spec else None
 
 
 WIDEN_INITS = ("split", "fresh")
