@@ -143,10 +143,10 @@ def test_a_96_pixel_vgg_seed_fits_a_5m_budget():
 def test_the_mobilenet_seed_reaches_4x4_pixels_as_mobilenetv2_does(shape):
     """A three-stage seed ended at 8x8 (7x7) and never grew a stage: on Fashion-MNIST it stayed 0.77 below
     MobileNetV2 scaled, whose last stages run at 4x4 (bench/RESULTS.md, seventeenth wave)."""
+    family = search_spaces.get("mobilenet")
+    specs = {"seed": family.seed(shape, 10), "classic": family.classic("mobilenetv2", shape, 10)}
     sizes = {}
-    for name in ("seed", "classic"):
-        spec = (search_spaces.get("mobilenet").seed(shape, 10) if name == "seed"
-                else search_spaces.get("mobilenet").classic("mobilenetv2", shape, 10))
+    for name, spec in specs.items():
         model = build(spec).eval()
         model.stages[-1][-1].register_forward_hook(lambda m, i, out, name=name: sizes.__setitem__(name, out.shape[-1]))
         with torch.no_grad():
