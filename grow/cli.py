@@ -58,8 +58,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-stream", dest="stream", action="store_const", const="off",
                    help="imagefolder/imagenet: hold the pictures in memory, however large")
     g.add_argument("--image-size", type=int, default=None,
-                   help="imagefolder/imagenet: crop (or resize) the pictures to this many pixels a side "
-                        "(default: imagenet 224, imagefolder the pictures' own size)")
+                   help="train on pictures this many pixels a side: imagefolder/imagenet pictures are cropped "
+                        "(or resized) to it, the other datasets' resized (default: imagenet 224, every other "
+                        "dataset its pictures' own size)")
     g.add_argument("--data-workers", type=int, default=None,
                    help="DataLoader worker processes decoding streamed pictures (default: from the CPU cores)")
     g = p.add_argument_group("budget (numbers take K/M/G suffixes)")
@@ -245,6 +246,8 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
     g.add_argument("--train-subset", type=int, default=None)
     g.add_argument("--augment", choices=("auto", "on", "off"), default="auto")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="pixels a side to read the pictures at (default: the --from model's, else the set's own)")
     g = p.add_argument_group("budget (numbers take K/M/G suffixes)")
     g.add_argument("--budget-flops", "--budget-macs", dest="budget_macs", type=_count, default=None,
                    help="most multiply-accumulates per image (the 'FLOPs' of the literature)")

@@ -149,7 +149,7 @@ class GrowConfig:
     channels_last: bool = True  # NHWC layout: 1.8x faster on CPU (bench/RESULTS.md), what tensor cores want
     from_model: Optional[str] = None  # a model.json whose network (and weights) replace the family seed
     stream: str = "auto"  # folder datasets: stream from disk when too large for memory (grow.stream), on, off
-    image_size: Optional[int] = None  # imagefolder / imagenet pictures are cropped to this (imagenet: 224)
+    image_size: Optional[int] = None  # pictures are read (folders) or resized to this a side (imagenet: 224)
     data_workers: Optional[int] = None  # DataLoader processes decoding streamed pictures; None: from the cores
 
     def to_dict(self) -> dict:

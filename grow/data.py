@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from grow import distributed
 
@@ -76,8 +77,10 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, val_fraction: flo
                  stream_above: Optional[int] = None, workers: Optional[int] = None) -> Splits:
     """Read `name` into memory and split it: validation is carved from the training set by `seed`.
 
-    `image_size` (an int or (height, width)) sets the size of imagefolder and imagenet pictures
-    (imagenet: 224); other datasets have a fixed size. Folder datasets too large for memory are
+    `image_size` (an int or (height, width)) sets the size of the pictures: imagefolder and imagenet
+    pictures are read at it (imagenet: 224), the other datasets' pictures resized to it (bilinear, as
+    imagefolder resizes), for a network that must take another resolution than the set's own; the
+    random crops' padding scales with the side. Folder datasets too large for memory are
     streamed instead (grow.stream.plan: `stream` "auto", "on" or "off", `stream_above` bytes,
     `workers` DataLoader processes): their splits are then FileSets, which Batches streams.
     """
@@ -94,19 +97,21 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, val_fraction: flo
     if train_subset is not None and train_subset < 1:
         raise DataError(f"--train-subset must be at least 1, got {train_subset}")
     folder = name in streaming.FOLDER_DATASETS
-    if image_size is not None and not folder:
-        raise DataError(f"an image size applies to imagefolder and imagenet only; {name} images have a fixed size")
     if stream not in streaming.STREAM_MODES:
         raise DataError(f"stream must be one of {', '.join(streaming.STREAM_MODES)}, got {stream!r}")
     if stream == "on" and not folder:
         raise DataError(f"streaming applies to imagefolder and imagenet; {name} is small enough for memory")
     root = Path(data_dir).expanduser() if data_dir else None
-    plan = streaming.plan(name, root, seed, _as_size(image_size), stream=stream, stream_above=stream_above,
+    size = _as_size(image_size)
+    plan = streaming.plan(name, root, seed, size, stream=stream, stream_above=stream_above,
                           workers=workers) if folder else None
     if plan and plan.streamed:
         train, test, meta = streaming.streamed_sets(plan)
     else:
         train, test, meta = readers[name](root, download, seed)
+    if size is not None and not folder:
+        meta = _padded_for(train, size, meta)
+        train, test = _resized(train, size), _resized(test, size)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(train) * val_fraction))
     if n_val >= len(train):
@@ -138,6 +143,24 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
     var = (squares / count - mean.square()) * count / max(count - 1, 1)
     std = var.clamp_min(0).sqrt().div(255).clamp_min(1e-3)
     return tuple((mean / 255).tolist()), tuple(std.tolist())
+
+
+def _resized(images: TensorSet, size: tuple[int, int], chunk: int = 4096) -> TensorSet:
+    """`images` at `size` (height, width): antialiased bilinear on uint8, which gives PIL's bilinear
+    resize (imagefolder's) to the bit, in chunks so that no float copy of the set is ever made."""
+    if tuple(images.images.shape[2:]) == size:
+        return images
+    out = torch.empty((len(images), images.images.shape[1], *size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        out[start:start + chunk] = nn.functional.interpolate(images.images[start:start + chunk], size=size,
+                                                             mode="bilinear", antialias=True, align_corners=False)
+    return TensorSet(out, images.labels)
+
+
+def _padded_for(images: TensorSet, size: tuple[int, int], meta: dict) -> dict:
+    """`meta` with the random crops' padding scaled from the set's own width to `size`'s (4 of 32 -> 12 of 96)."""
+    own = images.images.shape[3]
+    return {**meta, "crop_pad": max(1, round(meta["crop_pad"] * size[1] / own))}
 
 
 def _as_size(size: Optional[int | tuple[int, int]]) -> Optional[tuple[int, int]]:

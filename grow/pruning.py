@@ -85,6 +85,7 @@ class PruneConfig:
     train_subset: Optional[int] = None
     augment: str = "auto"
     download: bool = True
+    image_size: Optional[int] = None  # None: a --from model's own (square) size, else the set's
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -327,6 +328,9 @@ def _open(config: PruneConfig, reporter: Reporter, budget: Budget) -> tuple[_Run
     _, spec, _ = _source(config, None)
     if spec is not None:
         _check_prunable(spec, budget, str(config.from_model))
+        height, width = spec.input_shape[1:]
+        if config.image_size is None and height == width:  # read the set at the size the model was grown at
+            config = dataclasses.replace(config, image_size=height)
     run = _Run(config.run_config(spec.family if spec is not None else config.space), reporter)
     model, spec, source = _source(config, run)
     _check_prunable(spec, budget, source["from"])

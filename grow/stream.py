@@ -79,13 +79,14 @@ def file_set(samples: list[tuple[str, int]], size: tuple[int, int] = (IMAGENET_S
 
 
 def read_like_training(dataset: str, spec: "ArchSpec", storage: Optional[str]) -> dict:
-    """grow.data.load_dataset arguments that read a folder dataset as a model's training run did:
-    pictures at the size the model takes, decoded the same way (streamed pictures are resized and
-    centre-cropped, in-memory ones resized whole), as model.json's metrics.storage says. {} for
-    datasets whose size and reading are fixed."""
+    """grow.data.load_dataset arguments that read a dataset as a model's training run did: pictures at
+    the size the model takes (a fixed-size set such as cifar10 resized only when the run asked for
+    another size), a folder dataset decoded the same way (streamed pictures are resized and
+    centre-cropped, in-memory ones resized whole), as model.json's metrics.storage says."""
+    size = {"image_size": tuple(spec.input_shape[1:])}
     if dataset not in FOLDER_DATASETS:
-        return {}
-    return {"image_size": tuple(spec.input_shape[1:]), "stream": {"stream": "on", "memory": "off"}.get(storage, "auto")}
+        return size
+    return {**size, "stream": {"stream": "on", "memory": "off"}.get(storage, "auto")}
 
 
 def default_workers() -> int:

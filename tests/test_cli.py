@@ -59,3 +59,23 @@ def test_grow_show_eval_from_the_command_line(tmp_path):
     ev = run_cli("eval", str(out / "model.json"), "--dataset", "synthetic", "--log-format", "json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(events[-1]["test_accuracy"], abs=1e-6)
+
+
+def test_a_run_at_another_image_size_is_evaluated_at_that_size(tmp_path):
+    """--image-size on a fixed-size set: the model takes the size asked for, and eval re-reads the set at it."""
+    out = tmp_path / "run"
+    proc = run_cli("grow", "--dataset", "synthetic", "--image-size", "24", "--train-subset", "1024", "--budget-flops",
+                   "2M", "--out", str(out),
+                   "--epochs-per-round", "1", "--max-rounds", "1", "--finetune-epochs", "1", "--log-format", "json")
+    assert proc.returncode == 0, proc.stderr
+    model = json.loads((out / "model.json").read_text())
+    assert model["input_shape"][1:] == [24, 24]
+    ev = run_cli("eval", str(out / "model.json"), "--dataset", "synthetic", "--log-format", "json")
+    assert ev.returncode == 0, ev.stderr
+    final = json.loads(proc.stdout.splitlines()[-1])["test_accuracy"]
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(final, abs=1e-6)
+    pruned = run_cli("prune", "--from", str(out / "model.json"), "--dataset", "synthetic", "--budget-flops", "300K",
+                     "--epochs", "1", "--finetune-epochs", "1", "--train-subset", "512", "--out", str(tmp_path / "cut"),
+                     "--quiet")
+    assert pruned.returncode == 0, pruned.stderr
+    assert json.loads((tmp_path / "cut" / "model.json").read_text())["input_shape"][1:] == [24, 24]

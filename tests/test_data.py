@@ -47,6 +47,22 @@ def test_cifar10_layout_is_read(tmp_path):
     assert any(torch.equal(first, img) for img in everything)
 
 
+@pytest.mark.parametrize("side", [48, 16])
+def test_image_size_resizes_a_fixed_size_set_as_imagefolder_would(tmp_path, side):
+    """cifar10 at --image-size 48 (or 16): every picture is PIL's bilinear resize of the archive's, the one
+    imagefolder applies to pictures on disk, and the crops' padding keeps its share of the side."""
+    from PIL import Image
+
+    write_cifar(tmp_path)
+    raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())["data"]
+    splits = load_dataset("cifar10", str(tmp_path), download=False, image_size=side)
+    assert splits.info.input_shape == (3, side, side) and splits.info.crop_pad == side // 8
+    assert splits.train.images.shape[1:] == (3, side, side) and splits.train.images.dtype == torch.uint8
+    for k in (0, 7):
+        picture = Image.fromarray(raw[k].reshape(3, 32, 32).transpose(1, 2, 0)).resize((side, side), Image.BILINEAR)
+        assert torch.equal(splits.test.images[k], torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1))
+
+
 def test_cifar100_layout_is_read(tmp_path):
     write_cifar(tmp_path, hundred=True)
     splits = load_dataset("cifar100", str(tmp_path), download=False)
@@ -126,6 +142,13 @@ def test_fashion_mnist_from_debian_package():
     assert splits.info.input_shape == (1, 28, 28)
     assert len(splits.train) + len(splits.val) == 60000 and len(splits.test) == 10000
     assert splits.info.classes[9] == "Ankle boot" and splits.info.flip
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="apt-get install dataset-fashion-mnist to run this")
+def test_fashion_mnist_at_another_size_stays_grey():
+    splits = load_dataset("fashion-mnist", download=False, image_size=(14, 20))
+    assert splits.info.input_shape == (1, 14, 20) and splits.test.images.shape == (10000, 1, 14, 20)
+    assert splits.info.crop_pad == 1
 
 
 def small_set():
