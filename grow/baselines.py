@@ -16,9 +16,10 @@ from grow.policy import Budget, largest_factor
 from grow.spec import ArchSpec
 from search_spaces.common import large
 
-# name -> (how the shape is made, why a practitioner would try it)
+# label -> member: "seed" the family's seed topology, "shallow" the family's shallow() (vgg's seed
+# leaves a 3-pixel stage to growth, the hand shape keeps it), else a classic member.
 HAND_SHAPES = {
-    "vgg": {"shallow": "seed", "classic": "vgg11", "deep": "vgg16"},
+    "vgg": {"shallow": "shallow", "classic": "vgg11", "deep": "vgg16"},
     "resnet": {"shallow": "seed", "classic": "resnet20", "deep": "resnet32"},
     "mobilenet": {"shallow": "seed", "classic": "mobilenetv2"},
 }
@@ -47,8 +48,8 @@ def hand_shapes(family_name: str, input_shape, num_classes: int,
     shapes = {}
     table = LARGE_HAND_SHAPES if large(input_shape) else HAND_SHAPES
     for label, member in table[family_name].items():
-        if member == "seed":
-            shapes[label] = family.seed(input_shape, num_classes, normalization=normalization)
+        if member in ("seed", "shallow"):  # a family's own shallow shape, where its seed leaves stages to growth
+            shapes[label] = getattr(family, member)(input_shape, num_classes, normalization=normalization)
         else:
             shapes[label] = family.classic(member, input_shape, num_classes, normalization=normalization)
     return shapes
