@@ -33,6 +33,18 @@ class Budget:
             return False
         return self.params is None or count_params(spec) <= self.params
 
+    def step_cost(self, before: ArchSpec, after: ArchSpec) -> float:
+        """What growing `before` into `after` spends: the largest share of a set limit it takes (extra
+        MACs when no limit is set). The cost order ranks growth's steps by it, so a parameter budget
+        buys the capacity that is cheap in parameters (filters at high resolution) as a MAC budget buys
+        what is cheap in MACs (filters at low resolution); under a MAC budget alone the order is the
+        MAC order."""
+        extra_macs = count_macs(after) - count_macs(before)
+        shares = [extra_macs / self.macs] if self.macs else []
+        if self.params:
+            shares.append((count_params(after) - count_params(before)) / self.params)
+        return max(shares) if shares else float(extra_macs)
+
 
 @dataclass
 class Action:
@@ -154,20 +166,20 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
                    for name, w in target.items()]
 
 
-def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend):
-    """(kind, target, extra MACs of the full step) of every growth step the ratios ask for;
-    `deepen_macs` holds the MACs of the network with each stage to deepen one layer deeper."""
-    macs = count_macs(model.spec)
+def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_costs, extend, budget):
+    """(kind, target, cost of the full step: Budget.step_cost) of every growth step the ratios ask
+    for; `deepen_costs` holds the cost of deepening each stage to deepen by one layer."""
     steps = []
     for unit in units:
         if ratios[unit.name] >= tau:
             target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
             spec = morph.widened_spec(model, {unit.name: target})
-            steps.append(("widen", unit, target, count_macs(spec) - macs))
-    for stage, deepened in deepen_macs.items():
-        steps.append(("deepen", stage, None, deepened - macs))
+            steps.append(("widen", unit, target, budget.step_cost(model.spec, spec)))
+    for stage, cost in deepen_costs.items():
+        steps.append(("deepen", stage, None, cost))
     if extend:
-        steps.append(("extend", len(morph.deepenable(model)), None, count_macs(morph.extended_spec(model)) - macs))
+        steps.append(("extend", len(morph.deepenable(model)), None,
+                      budget.step_cost(model.spec, morph.extended_spec(model))))
     return steps
 
 
@@ -222,13 +234,13 @@ def plan_growth(
         return bool(members) and all(ratios[u.name] >= tau and (widened is None or u.name in widened)
                                      for u in members)
 
-    deepen_macs = {s: count_macs(morph.deepened_spec(model, s)) for s in stages if full(s)}
+    deepen_costs = {s: budget.step_cost(model.spec, morph.deepened_spec(model, s)) for s in stages if full(s)}
     if max_deepen is not None:  # the cheapest stages (ties: the earliest)
-        cheapest = sorted(deepen_macs, key=deepen_macs.__getitem__)[:max_deepen]
-        deepen_macs = {s: deepen_macs[s] for s in cheapest}
+        cheapest = sorted(deepen_costs, key=deepen_costs.__getitem__)[:max_deepen]
+        deepen_costs = {s: deepen_costs[s] for s in cheapest}
     # A new stage at half resolution when the last stage is as full as a deepening asks for.
     extend = extend_stages and morph.extended_spec(model) is not None and full(max(stages))
-    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend)
+    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_costs, extend, budget)
     if order == "ratio":
         steps.sort(key=lambda st: (st[0] == "deepen", -ratios[st[1].name] if st[0] == "widen" else 0))
         return _take(model, steps, units, ratios, budget, tau, widen_min, generator, widen_init)

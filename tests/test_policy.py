@@ -127,6 +127,29 @@ def test_cost_order_spends_a_tight_budget_on_the_cheapest_asked_for_step():
     assert sum(u.width for u in morph.units(grown_cost)) > sum(u.width for u in morph.units(grown_ratio))
 
 
+def test_cost_order_under_a_parameter_budget_takes_what_is_cheap_in_parameters():
+    # A 32x32 filter costs 16x the MACs of a 8x8 one and far fewer parameters: with both layers
+    # saturated and room for one step, a MAC budget widens the low-resolution layer, a parameter
+    # budget the high-resolution one.
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    names = [u.name for u in morph.units(model)]
+    first, last = names[0], names[-1]
+    ratios = {**ratios_for(model), first: 1.0, last: 1.0}
+    macs, params = count_macs(model.spec), count_params(model.spec)
+    wide_first, wide_last = morph.widened_spec(model, {first: 12}), morph.widened_spec(model, {last: 96})
+    assert count_macs(wide_last) < count_macs(wide_first) and count_params(wide_first) < count_params(wide_last)
+    by_macs = Budget(macs=count_macs(wide_first) + 1)
+    by_params = Budget(params=count_params(wide_last) - 1)  # not room for both
+    assert [a.target for a in plan(model, ratios, by_macs, order="cost")[1]][0] == last
+    taken = plan(model, ratios, by_params, order="cost")[1]
+    assert taken[0].target == first and taken[0].after == 12
+    assert by_params.step_cost(model.spec, wide_first) < by_params.step_cost(model.spec, wide_last)
+    # With both limits a step costs its larger share of them.
+    both = Budget(macs=2 * macs, params=2 * params)
+    assert both.step_cost(model.spec, wide_first) == max((count_macs(wide_first) - macs) / (2 * macs),
+                                                         (count_params(wide_first) - params) / (2 * params))
+
+
 def test_pacing_spreads_the_remaining_budget_over_the_rounds_left():
     model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
     macs, params = count_macs(model.spec), count_params(model.spec)
