@@ -211,15 +211,17 @@ def plan_growth(
     With `extend_stages`, a saturated last stage also asks for a new stage after one more pooling
     (grow.morph.extend), where the family and the image size allow one.
     order "ratio": widenings first, most saturated first, then deepenings (the first policy).
-    order "cost": every asked-for step, widening or deepening, cheapest in MACs first: a filter
-    at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
-    steps buys more filters for the same MACs. A widening that does not fit in full is shrunk
+    order "cost": every asked-for step, widening or deepening, cheapest first (Budget.step_cost: its
+    largest share of a set limit): under a MAC budget a filter at low resolution costs a fraction of
+    one at high resolution, under a parameter budget the other way round, and a budget spent on cheap
+    steps buys more filters. A widening that does not fit in full is shrunk
     to the widest step that does. A deepening waits for the widenings of its stage's layers, since
     the new layer copies the last one's width (see _deepen_after_widening).
-    In the cost order a new stage that the cheaper steps left no room for, but that fits on its own,
-    goes first and the rest follow cheapest first: a widening can be cut to fit what is left, a stage
-    cannot, and under a tight budget (2.5M MACs and less on 32x32 pictures) the cheap widenings of
-    round 1 otherwise take every MAC and no later round can add it. On the CIFAR-10 pictures keeping
+    In the cost order a new stage that the cheaper steps left no room for, but that fits on its own
+    and takes at most FORCED_STAGE_SHARE of the budget, goes first and the rest follow cheapest
+    first: a widening can be cut to fit what is left, a stage cannot, and under a tight budget
+    (2.5M MACs and less on 32x32 pictures) the cheap widenings of round 1 otherwise take every MAC
+    and no later round can add it. On the CIFAR-10 pictures keeping
     the stage was worth +1.35 points at 2M MACs and +1.53 at 2.5M, six seeds each (bench/RESULTS.md,
     thirteenth wave).
     """
@@ -248,7 +250,8 @@ def plan_growth(
     state = generator.get_state() if generator is not None else None
     planned = _take(model, steps, units, ratios, budget, tau, widen_min, generator, widen_init)
     dropped_stage = extend and not any(a.kind == "extend" for a in planned[1])
-    if dropped_stage and budget.fits(morph.extended_spec(model)):
+    stage = morph.extended_spec(model) if dropped_stage else None
+    if stage is not None and budget.fits(stage) and budget.step_cost(model.spec, stage) <= FORCED_STAGE_SHARE:
         if generator is not None:
             generator.set_state(state)
         steps.sort(key=lambda st: st[0] != "extend")  # stable: the rest stays cheapest first
@@ -297,6 +300,12 @@ def _take(model, steps, units, ratios, budget, tau, widen_min, generator, widen_
 
 
 ORDERS = ("ratio", "cost")
+# The most of the budget a new stage may take when it goes ahead of cheaper steps. Under a MAC budget the
+# stage at 2x2 pixels is cheap (15-25% of 1.5-2.5M MACs on 32x32 pictures) and worth +1.35 to +1.53 points;
+# under a parameter budget the same stage is the dearest capacity there is (74% of 100K parameters), and
+# put first it left nothing else: 66.1% against 73.0% for the shape grown without it (CIFAR-10 pictures,
+# bench/RESULTS.md, twenty-first wave).
+FORCED_STAGE_SHARE = 0.5
 
 
 def _widen_step(model, unit, target, ratios, budget, tau, widen_min, generator, widen_init):

@@ -5,7 +5,7 @@ import torch
 import search_spaces
 from grow import morph
 from grow.cost import count_macs, count_params
-from grow.policy import Budget, fill_budget, paced, plan_growth
+from grow.policy import FORCED_STAGE_SHARE, Budget, fill_budget, paced, plan_growth
 from grow.spec import build
 
 
@@ -80,6 +80,19 @@ def test_a_new_stage_is_not_left_out_for_cheaper_widenings():
     assert count_macs(grown.spec) <= 2_000_000 and len(morph.deepenable(grown)) == len(morph.deepenable(model)) + 1
     roomy = [a.kind for a in plan(model, everything, Budget(macs=20_000_000), order="cost", extend_stages=True)[1]]
     assert "extend" in roomy and roomy[0] == "widen"
+
+
+def test_a_new_stage_that_would_take_most_of_the_budget_does_not_go_first():
+    """Under a parameter budget the 2x2 stage is the dearest step: at 100K parameters it would take
+    three quarters of the budget, so the cheaper widenings go first and the stage waits for room."""
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    everything = {u.name: 1.0 for u in morph.units(model)}
+    budget = Budget(params=100_000)
+    stage = morph.extended_spec(model)
+    assert budget.fits(stage) and budget.step_cost(model.spec, stage) > FORCED_STAGE_SHARE
+    grown, actions, _ = plan(model, everything, budget, order="cost", extend_stages=True)
+    assert [a.kind for a in actions][0] == "widen" and "extend" not in [a.kind for a in actions]
+    assert count_params(grown.spec) <= 100_000 and len(morph.deepenable(grown)) == len(morph.deepenable(model))
 
 
 def test_a_deepened_stage_keeps_the_width_it_widened_to():
