@@ -73,7 +73,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from the family's small seed, or from its classic member (VGG-11, ResNet-20, "
                         "MobileNetV2) narrowed to --seed-fraction of the budget (default %(default)s)")
     g.add_argument("--order", choices=("ratio", "cost"), default=d.order,
-                   help="which asked-for growth steps go first: most saturated (ratio) or cheapest in MACs (cost)")
+                   help="which asked-for growth steps go first: most saturated (ratio) or cheapest, by their "
+                        "share of the budget (cost)")
     g.add_argument("--deepen", choices=("after-widen", "with-widen"), default=d.deepen,
                    help="a saturated stage deepens in the round its layers widen (with-widen), or only once they "
                         "were widened and saturate again (after-widen); default %(default)s")

@@ -58,10 +58,13 @@ class GrowConfig:
       was even (71.13 against 71.25; paired -0.12, 95% CI -1.02 to +0.78), and at 20M too (73.83
       against 74.04; bench/RESULTS.md). So one recipe serves every network; --finetune-warmup is
       there for those who want to try.
-    - order "cost": asked-for growth steps cheapest in MACs first (grow.policy.plan_growth), except
-      that a new stage the cheaper steps would leave no room for goes first: under tight budgets
-      (2.5M MACs and less on the CIFAR-10 pictures) it was otherwise never added, and keeping it was
-      worth +1.35 points at 2M and +1.53 at 2.5M, six seeds each.
+    - order "cost": asked-for growth steps cheapest first, by their share of the budget (MACs under a
+      MAC budget, parameters under a parameter budget; grow.policy.plan_growth), except that a new
+      stage the cheaper steps would leave no room for goes first while it takes at most half the
+      budget: under tight budgets (2.5M MACs and less on the CIFAR-10 pictures) it was otherwise never
+      added, and keeping it was worth +1.35 points at 2M and +1.53 at 2.5M, six seeds each. Ranked by
+      MACs under a 300K-parameter budget, growth spent the budget on low-resolution filters and was
+      1.1 points below the seed topology scaled (bench/RESULTS.md, twenty-first wave).
     - extend_stages: a saturated last stage may be followed by a new stage at half its resolution,
       the cheapest capacity there is under a MAC budget. It was worth +1.6 points over three seeds
       at 5M MACs on the CIFAR-10 pictures, and the shape growth then found beat the seed's topology

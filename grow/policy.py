@@ -33,6 +33,18 @@ class Budget:
             return False
         return self.params is None or count_params(spec) <= self.params
 
+    def step_cost(self, before: ArchSpec, after: ArchSpec) -> float:
+        """What growing `before` into `after` spends: the largest share of a set limit it takes (extra
+        MACs when no limit is set). The cost order ranks growth's steps by it, so a parameter budget
+        buys the capacity that is cheap in parameters (filters at high resolution) as a MAC budget buys
+        what is cheap in MACs (filters at low resolution); under a MAC budget alone the order is the
+        MAC order."""
+        extra_macs = count_macs(after) - count_macs(before)
+        shares = [extra_macs / self.macs] if self.macs else []
+        if self.params:
+            shares.append((count_params(after) - count_params(before)) / self.params)
+        return max(shares) if shares else float(extra_macs)
+
 
 @dataclass
 class Action:
@@ -154,20 +166,20 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
                    for name, w in target.items()]
 
 
-def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend):
-    """(kind, target, extra MACs of the full step) of every growth step the ratios ask for;
-    `deepen_macs` holds the MACs of the network with each stage to deepen one layer deeper."""
-    macs = count_macs(model.spec)
+def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_costs, extend, budget):
+    """(kind, target, cost of the full step: Budget.step_cost) of every growth step the ratios ask
+    for; `deepen_costs` holds the cost of deepening each stage to deepen by one layer."""
     steps = []
     for unit in units:
         if ratios[unit.name] >= tau:
             target = unit.width + widen_step(unit.width, widen_ratio, widen_min)
             spec = morph.widened_spec(model, {unit.name: target})
-            steps.append(("widen", unit, target, count_macs(spec) - macs))
-    for stage, deepened in deepen_macs.items():
-        steps.append(("deepen", stage, None, deepened - macs))
+            steps.append(("widen", unit, target, budget.step_cost(model.spec, spec)))
+    for stage, cost in deepen_costs.items():
+        steps.append(("deepen", stage, None, cost))
     if extend:
-        steps.append(("extend", len(morph.deepenable(model)), None, count_macs(morph.extended_spec(model)) - macs))
+        steps.append(("extend", len(morph.deepenable(model)), None,
+                      budget.step_cost(model.spec, morph.extended_spec(model))))
     return steps
 
 
@@ -199,15 +211,17 @@ def plan_growth(
     With `extend_stages`, a saturated last stage also asks for a new stage after one more pooling
     (grow.morph.extend), where the family and the image size allow one.
     order "ratio": widenings first, most saturated first, then deepenings (the first policy).
-    order "cost": every asked-for step, widening or deepening, cheapest in MACs first: a filter
-    at low resolution costs a fraction of one at high resolution, and a budget spent on cheap
-    steps buys more filters for the same MACs. A widening that does not fit in full is shrunk
+    order "cost": every asked-for step, widening or deepening, cheapest first (Budget.step_cost: its
+    largest share of a set limit): under a MAC budget a filter at low resolution costs a fraction of
+    one at high resolution, under a parameter budget the other way round, and a budget spent on cheap
+    steps buys more filters. A widening that does not fit in full is shrunk
     to the widest step that does. A deepening waits for the widenings of its stage's layers, since
     the new layer copies the last one's width (see _deepen_after_widening).
-    In the cost order a new stage that the cheaper steps left no room for, but that fits on its own,
-    goes first and the rest follow cheapest first: a widening can be cut to fit what is left, a stage
-    cannot, and under a tight budget (2.5M MACs and less on 32x32 pictures) the cheap widenings of
-    round 1 otherwise take every MAC and no later round can add it. On the CIFAR-10 pictures keeping
+    In the cost order a new stage that the cheaper steps left no room for, but that fits on its own
+    and takes at most FORCED_STAGE_SHARE of the budget, goes first and the rest follow cheapest
+    first: a widening can be cut to fit what is left, a stage cannot, and under a tight budget
+    (2.5M MACs and less on 32x32 pictures) the cheap widenings of round 1 otherwise take every MAC
+    and no later round can add it. On the CIFAR-10 pictures keeping
     the stage was worth +1.35 points at 2M MACs and +1.53 at 2.5M, six seeds each (bench/RESULTS.md,
     thirteenth wave).
     """
@@ -222,13 +236,13 @@ def plan_growth(
         return bool(members) and all(ratios[u.name] >= tau and (widened is None or u.name in widened)
                                      for u in members)
 
-    deepen_macs = {s: count_macs(morph.deepened_spec(model, s)) for s in stages if full(s)}
+    deepen_costs = {s: budget.step_cost(model.spec, morph.deepened_spec(model, s)) for s in stages if full(s)}
     if max_deepen is not None:  # the cheapest stages (ties: the earliest)
-        cheapest = sorted(deepen_macs, key=deepen_macs.__getitem__)[:max_deepen]
-        deepen_macs = {s: deepen_macs[s] for s in cheapest}
+        cheapest = sorted(deepen_costs, key=deepen_costs.__getitem__)[:max_deepen]
+        deepen_costs = {s: deepen_costs[s] for s in cheapest}
     # A new stage at half resolution when the last stage is as full as a deepening asks for.
     extend = extend_stages and morph.extended_spec(model) is not None and full(max(stages))
-    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_macs, extend)
+    steps = _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_costs, extend, budget)
     if order == "ratio":
         steps.sort(key=lambda st: (st[0] == "deepen", -ratios[st[1].name] if st[0] == "widen" else 0))
         return _take(model, steps, units, ratios, budget, tau, widen_min, generator, widen_init)
@@ -236,7 +250,8 @@ def plan_growth(
     state = generator.get_state() if generator is not None else None
     planned = _take(model, steps, units, ratios, budget, tau, widen_min, generator, widen_init)
     dropped_stage = extend and not any(a.kind == "extend" for a in planned[1])
-    if dropped_stage and budget.fits(morph.extended_spec(model)):
+    stage = morph.extended_spec(model) if dropped_stage else None
+    if stage is not None and budget.fits(stage) and budget.step_cost(model.spec, stage) <= FORCED_STAGE_SHARE:
         if generator is not None:
             generator.set_state(state)
         steps.sort(key=lambda st: st[0] != "extend")  # stable: the rest stays cheapest first
@@ -285,6 +300,12 @@ def _take(model, steps, units, ratios, budget, tau, widen_min, generator, widen_
 
 
 ORDERS = ("ratio", "cost")
+# The most of the budget a new stage may take when it goes ahead of cheaper steps. Under a MAC budget the
+# stage at 2x2 pixels is cheap (15-25% of 1.5-2.5M MACs on 32x32 pictures) and worth +1.35 to +1.53 points;
+# under a parameter budget the same stage is the dearest capacity there is (74% of 100K parameters), and
+# put first it left nothing else: 66.1% against 73.0% for the shape grown without it (CIFAR-10 pictures,
+# bench/RESULTS.md, twenty-first wave).
+FORCED_STAGE_SHARE = 0.5
 
 
 def _widen_step(model, unit, target, ratios, budget, tau, widen_min, generator, widen_init):

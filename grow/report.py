@@ -153,7 +153,6 @@ class RichReporter(Reporter):
             TimeRemainingColumn(), console=self.console, transient=True,
         )
         self.task: Optional[int] = None
-        self.round_macs = 0
 
     def start(self, config, info, device) -> None:
         budget = ", ".join(b for b in (
@@ -167,7 +166,6 @@ class RichReporter(Reporter):
         self.console.print(text, soft_wrap=True)  # one line, paths whole, whatever the width
 
     def round_start(self, index, max_rounds, spec, macs, params) -> None:
-        self.round_macs = macs
         self.console.rule(f"round {index}/{max_rounds}: {human(macs)} MACs, {human(params)} params")
 
     def phase(self, name, epochs) -> None:

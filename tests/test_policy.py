@@ -5,7 +5,7 @@ import torch
 import search_spaces
 from grow import morph
 from grow.cost import count_macs, count_params
-from grow.policy import Budget, fill_budget, paced, plan_growth
+from grow.policy import FORCED_STAGE_SHARE, Budget, fill_budget, paced, plan_growth
 from grow.spec import build
 
 
@@ -82,6 +82,19 @@ def test_a_new_stage_is_not_left_out_for_cheaper_widenings():
     assert "extend" in roomy and roomy[0] == "widen"
 
 
+def test_a_new_stage_that_would_take_most_of_the_budget_does_not_go_first():
+    """Under a parameter budget the 2x2 stage is the dearest step: at 100K parameters it would take
+    three quarters of the budget, so the cheaper widenings go first and the stage waits for room."""
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    everything = {u.name: 1.0 for u in morph.units(model)}
+    budget = Budget(params=100_000)
+    stage = morph.extended_spec(model)
+    assert budget.fits(stage) and budget.step_cost(model.spec, stage) > FORCED_STAGE_SHARE
+    grown, actions, _ = plan(model, everything, budget, order="cost", extend_stages=True)
+    assert [a.kind for a in actions][0] == "widen" and "extend" not in [a.kind for a in actions]
+    assert count_params(grown.spec) <= 100_000 and len(morph.deepenable(grown)) == len(morph.deepenable(model))
+
+
 def test_a_deepened_stage_keeps_the_width_it_widened_to():
     """At 96x96 pixels a new narrow layer costs less than widening stage 0, so the cost order once
     deepened first and the new layer kept the old width: every round left a narrower layer at the end
@@ -125,6 +138,29 @@ def test_cost_order_spends_a_tight_budget_on_the_cheapest_asked_for_step():
     grown_ratio, _, _ = plan(model, ratios, budget, order="ratio")
     assert count_macs(grown_cost.spec) <= budget.macs and count_macs(grown_ratio.spec) <= budget.macs
     assert sum(u.width for u in morph.units(grown_cost)) > sum(u.width for u in morph.units(grown_ratio))
+
+
+def test_cost_order_under_a_parameter_budget_takes_what_is_cheap_in_parameters():
+    # A 32x32 filter costs 16x the MACs of a 8x8 one and far fewer parameters: with both layers
+    # saturated and room for one step, a MAC budget widens the low-resolution layer, a parameter
+    # budget the high-resolution one.
+    model = build(search_spaces.get("vgg").seed((3, 32, 32), 10))
+    names = [u.name for u in morph.units(model)]
+    first, last = names[0], names[-1]
+    ratios = {**ratios_for(model), first: 1.0, last: 1.0}
+    macs, params = count_macs(model.spec), count_params(model.spec)
+    wide_first, wide_last = morph.widened_spec(model, {first: 12}), morph.widened_spec(model, {last: 96})
+    assert count_macs(wide_last) < count_macs(wide_first) and count_params(wide_first) < count_params(wide_last)
+    by_macs = Budget(macs=count_macs(wide_first) + 1)
+    by_params = Budget(params=count_params(wide_last) - 1)  # not room for both
+    assert [a.target for a in plan(model, ratios, by_macs, order="cost")[1]][0] == last
+    taken = plan(model, ratios, by_params, order="cost")[1]
+    assert taken[0].target == first and taken[0].after == 12
+    assert by_params.step_cost(model.spec, wide_first) < by_params.step_cost(model.spec, wide_last)
+    # With both limits a step costs its larger share of them.
+    both = Budget(macs=2 * macs, params=2 * params)
+    assert both.step_cost(model.spec, wide_first) == max((count_macs(wide_first) - macs) / (2 * macs),
+                                                         (count_params(wide_first) - params) / (2 * params))
 
 
 def test_pacing_spreads_the_remaining_budget_over_the_rounds_left():
