@@ -270,8 +270,10 @@ def main() -> None:
     for key, value in schedule.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    budget = human(args.budget_macs) if args.budget_macs else human(args.budget_params) + " params"
-    scenario = f"{args.dataset}-{args.space}-{budget}" + ("-quick" if args.quick else "")
+    limits = [(human(n), unit) for n, unit in ((args.budget_macs, "MACs"), (args.budget_params, "params")) if n]
+    budget = " and ".join(f"{n} {unit}" for n, unit in limits)
+    scenario = "-".join([args.dataset, args.space, *(n if unit == "MACs" else n + unit for n, unit in limits)]
+                        + (["quick"] if args.quick else []))
     out = Path(args.out or Path(__file__).parent / "out" / scenario)
     base = config_from_args(args, str(out))
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -280,7 +282,7 @@ def main() -> None:
     seeds = [args.only_seed] if args.only_seed is not None else range(args.seeds)
     per_seed = {s: run_seed(dataclasses.replace(base, seed=s), rows, out, args.scratch_lr) for s in seeds}
     summary = summarise(per_seed)
-    title = (f"{args.dataset}, {args.space}, budget {budget} MACs, {base.total_epochs()} epochs, "
+    title = (f"{args.dataset}, {args.space}, budget {budget}, {base.total_epochs()} epochs, "
              f"{len(per_seed)} seed(s)")
     differences = comparisons(per_seed, summary)
     table = markdown(summary, title, differences)

@@ -206,3 +206,19 @@ def test_each_scenario_gets_the_issues_schedule():
                  ("cifar10", 20_000_000)]
     totals = [r * m + f for r, m, f in (suite.schedule_of(*s) for s in scenarios)]
     assert totals == [8, 26, 30, 30]
+
+
+def test_the_suite_runs_under_a_parameter_budget_and_says_so(tmp_path):
+    """--budget-params alone: every row stays within the parameters, and the table names the budget in
+    parameters (it used to print "60K params MACs")."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--dataset", "synthetic",
+                           "--budget-params", "60K", "--quick", "--rows", "grown,shallow", "--max-rounds", "2",
+                           "--train-subset", "600", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "budget 60K params, " in done.stdout and "MACs," not in done.stdout.split("budget")[1].split("\n")[0]
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert suite["scenario"] == "synthetic-vgg-60Kparams-quick"
+    assert all(row["params"] <= 60_000 for row in suite["rows"].values())
