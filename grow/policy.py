@@ -168,7 +168,7 @@ def fill_budget(model: nn.Module, budget: Budget, ratios: dict[str, float], *, r
 
 def _candidates(model, units, ratios, tau, widen_ratio, widen_min, deepen_costs, extend, budget):
     """(kind, target, cost of the full step: Budget.step_cost) of every growth step the ratios ask
-    for; `deepen_costs` holds the cost of deepening each stage to deepen by one layer."""
+    for; `deepen_costs` holds the cost of deepening each stage (that asks for it) by one layer."""
     steps = []
     for unit in units:
         if ratios[unit.name] >= tau:
@@ -214,16 +214,15 @@ def plan_growth(
     order "cost": every asked-for step, widening or deepening, cheapest first (Budget.step_cost: its
     largest share of a set limit): under a MAC budget a filter at low resolution costs a fraction of
     one at high resolution, under a parameter budget the other way round, and a budget spent on cheap
-    steps buys more filters. A widening that does not fit in full is shrunk
-    to the widest step that does. A deepening waits for the widenings of its stage's layers, since
-    the new layer copies the last one's width (see _deepen_after_widening).
+    steps buys more filters. A widening that does not fit in full is shrunk to the widest step that
+    does. A deepening waits for the widenings of its stage's layers, since the new layer copies the
+    last one's width (see _deepen_after_widening).
     In the cost order a new stage that the cheaper steps left no room for, but that fits on its own
     and takes at most FORCED_STAGE_SHARE of the budget, goes first and the rest follow cheapest
     first: a widening can be cut to fit what is left, a stage cannot, and under a tight budget
     (2.5M MACs and less on 32x32 pictures) the cheap widenings of round 1 otherwise take every MAC
-    and no later round can add it. On the CIFAR-10 pictures keeping
-    the stage was worth +1.35 points at 2M MACs and +1.53 at 2.5M, six seeds each (bench/RESULTS.md,
-    thirteenth wave).
+    and no later round can add it. On the CIFAR-10 pictures keeping the stage was worth +1.35 points
+    at 2M MACs and +1.53 at 2.5M, six seeds each (bench/RESULTS.md, thirteenth wave).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
