@@ -2,6 +2,7 @@
 
     python bench/schedule.py --input 1,28,28 --budget-flops 3M --rounds 3
     python bench/schedule.py --input 3,32,32 --budget-flops 5M --rounds 4 --order ratio
+    python bench/schedule.py --input 3,32,32 --budget-params 300K --rounds 4
 
 With the defaults every vgg and resnet layer reads saturated at the end of every round that grows
 (bench/saturation.py, bench/RESULTS.md tenth and eleventh waves), so the final shape is decided by the
@@ -48,7 +49,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", default="3,32,32", help="C,H,W of the pictures")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--budget-flops", type=_count, required=True)
+    p.add_argument("--budget-flops", type=_count, default=None, help="MAC limit (at least one limit is needed)")
+    p.add_argument("--budget-params", type=_count, default=None, help="parameter limit")
     p.add_argument("--rounds", type=int, default=4, help="growth rounds before the budget is filled (--fill-by)")
     p.add_argument("--space", default="vgg")
     p.add_argument("--order", choices=ORDERS, default=GrowConfig().order)
@@ -56,9 +58,11 @@ def main() -> None:
     p.add_argument("--deepen-per-round", type=int, default=GrowConfig().deepen_per_round)
     p.add_argument("--seed-share", type=float, default=GrowConfig().seed_share)
     args = p.parse_args()
+    if args.budget_flops is None and args.budget_params is None:
+        p.error("give --budget-flops, --budget-params or both")
     config = GrowConfig(space=args.space, order=args.order, widen_ratio=args.widen_ratio,
                         deepen_per_round=args.deepen_per_round, seed_share=args.seed_share)
-    spec = scheduled_shape(tuple(int(x) for x in args.input.split(",")), args.classes, Budget(args.budget_flops),
+    spec = scheduled_shape(tuple(int(x) for x in args.input.split(",")), args.classes, Budget(args.budget_flops, args.budget_params),
                            args.rounds, config)
     print(f"{spec.body['stages']}  {count_macs(spec):,} MACs  {count_params(spec):,} params")
 
