@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,9 +66,10 @@ def run(args: argparse.Namespace, flags: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline, lock, start = time.monotonic() + args.stop_after, threading.Lock(), time.monotonic()
-    with ThreadPoolExecutor(args.workers) as pool:
-        for message in pool.map(lambda job: run_job(job, out, flags, deadline, lock), jobs):
-            print(f"{time.monotonic() - start:5.0f} s  {message}", flush=True)
+    with ThreadPoolExecutor(args.workers) as pool:  # logged as they finish, so the clock is each job's end
+        futures = [pool.submit(run_job, job, out, flags, deadline, lock) for job in jobs]
+        for future in as_completed(futures):
+            print(f"{time.monotonic() - start:5.0f} s  {future.result()}", flush=True)
 
 
 def table(args: argparse.Namespace) -> None:
