@@ -62,8 +62,8 @@ def main() -> None:
         p.error("give --budget-flops, --budget-params or both")
     config = GrowConfig(space=args.space, order=args.order, widen_ratio=args.widen_ratio,
                         deepen_per_round=args.deepen_per_round, seed_share=args.seed_share)
-    spec = scheduled_shape(tuple(int(x) for x in args.input.split(",")), args.classes, Budget(args.budget_flops, args.budget_params),
-                           args.rounds, config)
+    budget = Budget(args.budget_flops, args.budget_params)
+    spec = scheduled_shape(tuple(int(x) for x in args.input.split(",")), args.classes, budget, args.rounds, config)
     print(f"{spec.body['stages']}  {count_macs(spec):,} MACs  {count_params(spec):,} params")
 
 

@@ -1,12 +1,11 @@
 """bench/schedule.py: the shape the growth schedule alone grows, without training."""
 import subprocess
 import sys
-from pathlib import Path
 
 from grow.controller import GrowConfig
 from grow.cost import count_macs
 from grow.policy import Budget
-from tests.helpers import load_bench
+from tests.helpers import ROOT, load_bench
 
 
 def test_scheduled_shape_fills_the_budget_and_follows_the_order():
@@ -22,7 +21,7 @@ def test_scheduled_shape_fills_the_budget_and_follows_the_order():
 
 
 def test_schedule_command_takes_a_parameter_budget():
-    script = Path(__file__).resolve().parent.parent / "bench" / "schedule.py"
+    script = ROOT / "bench" / "schedule.py"
     done = subprocess.run([sys.executable, str(script), "--input", "1,28,28", "--budget-params", "40K",
                            "--rounds", "2"], capture_output=True, text=True, check=True)
     params = int(done.stdout.split("MACs")[1].split("params")[0].replace(",", ""))
