@@ -14,8 +14,9 @@ For one dataset, budget and family, with the same data, splits, epochs and seeds
   baseline a practitioner would use, and "best of K" the best hand shape with K times its compute.
 
 Every fixed network trains with grow.recipe (the recipe of grow's fine-tune: Nesterov SGD, one-cycle,
-label smoothing) for as many epochs as the whole growth run, on train + validation (it makes no
-decisions that need held-out data), at the peak lr that suits training from scratch (--scratch-lr,
+label smoothing, and the weight decay the grown row gets for these pictures) for as many epochs as the
+whole growth run, on train + validation (it makes no decisions that need held-out data), at the peak lr
+that suits training from scratch (--scratch-lr,
 0.1; 0.2 was worse on the CIFAR-10 pictures, see bench/RESULTS.md), where grow's fine-tune of a
 warm-started network uses its own --finetune-lr. Results are cached per (row, seed) in --out, so an
 interrupted suite continues where it stopped. Writes suite.json, suite.md and accuracy_compute.png to --out.
@@ -87,7 +88,8 @@ def splits_of(config: GrowConfig):
 
 def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int, lr: float = SCRATCH_LR) -> dict:
     splits = splits_of(config)
-    recipe = dataclasses.replace(config.recipe(), lr=lr, warmup=SCRATCH_WARMUP)
+    pictures = len(splits.train) + len(splits.val)  # the grown row's weight decay (GrowConfig.weight_decay_for)
+    recipe = dataclasses.replace(config.recipe(pictures), lr=lr, warmup=SCRATCH_WARMUP)
     device = resolve_device(config.device)  # the grown row's device and precision, for a fair clock
     result = train_spec(spec, splits, epochs, recipe, seed=config.seed, batch_size=config.batch_size,
                         augment=config.augments(), include_val=True, device=device,

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import grow
 from grow.controller import grow_network
 from grow.errors import GrowError
+from grow.recipe import weight_decay_for
 from grow.report import Reporter
 from tests.helpers import ROOT, run_cli, tiny_config
 
@@ -41,6 +42,18 @@ def test_run_grows_within_budget_and_exports(finished_run):
     assert record["metrics"]["test_accuracy"] > 0.3, "well above 10% chance on the synthetic classes"
     for png in ("selection_ratio.png", "widths.png", "accuracy_macs.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_the_run_chooses_its_weight_decay_from_the_pictures_and_records_it(finished_run, tmp_path):
+    """Without --weight-decay the run takes grow.recipe's value for its labelled pictures (the synthetic
+    set's 20,000: below the 5e-4 of small sets) and says so in history.json; a given value is kept."""
+    out, result = finished_run
+    sizes = result.history["dataset"]
+    assert sizes["train"] + sizes["val"] == 20_000
+    assert result.history["weight_decay"] == weight_decay_for(20_000) == pytest.approx(1.25e-4)
+    given = grow_network(tiny_config(tmp_path / "given", weight_decay=1e-3, train_subset=1000, max_rounds=1,
+                                     finetune_epochs=0))
+    assert given.history["weight_decay"] == 1e-3
 
 
 def test_model_json_macs_match_flop_counter(finished_run):

@@ -12,6 +12,7 @@ from grow.baselines import HAND_SHAPES, classic_seed, hand_shapes, scale_to_budg
 from grow.controller import GrowConfig
 from grow.cost import count_macs, count_params
 from grow.policy import Budget
+from grow.recipe import weight_decay_for
 from tests.helpers import ROOT, load_bench, tiny_config
 
 
@@ -145,11 +146,11 @@ def _peak_step(recipe, steps: int = 100) -> int:
 def test_the_fine_tune_warm_up_is_an_option_and_the_suites_fixed_rows_keep_the_recipes(tmp_path, monkeypatch):
     """--finetune-warmup moves the fine-tune's peak lr; the networks the suite trains from scratch
     keep the recipe's 15% warm-up whatever the grown row was given, so the rows stay comparable."""
-    assert _peak_step(GrowConfig().recipe()) == 15
+    assert _peak_step(GrowConfig().recipe(300)) == 15
     config = tiny_config(tmp_path / "grown", finetune_warmup=0.05, train_subset=300, val_fraction=0.05,
                          budget_macs=600_000)
-    assert _peak_step(config.recipe()) == 5
-    assert _peak_step(GrowConfig(finetune_warmup=0.3).recipe()) == 30
+    assert _peak_step(config.recipe(300)) == 5
+    assert _peak_step(GrowConfig(finetune_warmup=0.3).recipe(300)) == 30
     suite = load_bench("suite")
     used = []
     real = suite.train_spec
@@ -157,6 +158,33 @@ def test_the_fine_tune_warm_up_is_an_option_and_the_suites_fixed_rows_keep_the_r
         used.append(recipe), real(spec, splits, epochs, recipe, **kw))[1])
     suite.run_fixed(hand_shapes("vgg", (3, 16, 16), 10)["shallow"], config, epochs=1)
     assert [r.warmup for r in used] == [0.15] and _peak_step(used[0]) == 15
+
+
+def test_weight_decay_falls_with_the_pictures_and_every_row_of_the_suite_gets_the_grown_rows(tmp_path, monkeypatch):
+    """The default weight decay is 5e-4 on a few thousand pictures (the CIFAR-10 pictures here), falls
+    as one over their number above 5,000 and stays at 1e-4 from 25,000 (Fashion-MNIST); --weight-decay
+    overrides it; the suite's fixed networks
+    train with the value the grown network of the same data gets, so no row is regularized differently."""
+    assert weight_decay_for(4_170) == weight_decay_for(5_000) == 5e-4
+    assert weight_decay_for(10_000) == pytest.approx(2.5e-4)
+    assert weight_decay_for(25_000) == weight_decay_for(60_000) == weight_decay_for(1_281_167) == 1e-4
+    sizes = [100, 5_000, 6_000, 10_000, 20_000, 25_000, 60_000, 10**7]
+    assert all(weight_decay_for(a) >= weight_decay_for(b) for a, b in zip(sizes, sizes[1:]))
+    assert GrowConfig().recipe(60_000).weight_decay == weight_decay_for(60_000)
+    assert GrowConfig(weight_decay=3e-4).recipe(60_000).weight_decay == 3e-4
+    assert GrowConfig(weight_decay=0.0).recipe(4_170).weight_decay == 0.0
+
+    suite = load_bench("suite")
+    used = []
+    real = suite.train_spec
+    monkeypatch.setattr(suite, "train_spec", lambda spec, splits, epochs, recipe, **kw: (
+        used.append((recipe, len(splits.train) + len(splits.val))), real(spec, splits, epochs, recipe, **kw))[1])
+    shallow = hand_shapes("vgg", (3, 16, 16), 10)["shallow"]
+    suite.run_fixed(shallow, tiny_config(tmp_path / "a", train_subset=6_000, budget_macs=600_000), epochs=1)
+    suite.run_fixed(shallow, tiny_config(tmp_path / "b", train_subset=6_000, weight_decay=2e-4), epochs=1)
+    (default, pictures), (given, _) = used
+    assert pictures > 5_000 and default.weight_decay == weight_decay_for(pictures) < 5e-4
+    assert given.weight_decay == 2e-4
 
 
 def test_sweep_table_pairs_each_variant_with_its_baseline_seed_by_seed(tmp_path, capsys):
