@@ -122,8 +122,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="how far Gamma's path advances in one round, lr*steps/mu (default %(default)s)")
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="default: from the number of labelled pictures, 5e-4 up to 5,000, then falling as "
-                        "one over their number to 1e-4 at 25,000 and more")
+                   help="default: from the number of labelled pictures, 5e-4 up to 10,000, then falling as "
+                        "one over their number to 1e-4 at 50,000 and more")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)

@@ -52,8 +52,8 @@ class GrowConfig:
       scratch on the CIFAR-10 pictures, at 0.2 0.8 points; from scratch, 0.2 was slightly worse
       than 0.1 (bench/RESULTS.md). Momentum 0.9 and batch 128: the usual CIFAR SGD recipe.
     - weight_decay None: chosen from the number of labelled pictures (grow.recipe.weight_decay_for):
-      5e-4, the usual CIFAR value, up to 5,000 pictures, falling as one over their number to 1e-4 at
-      25,000 and more (Fashion-MNIST, full CIFAR-10), in the rounds and the fine-tune alike;
+      5e-4, the usual CIFAR value, up to 10,000 pictures, falling as one over their number to 1e-4 at
+      50,000 and more (full CIFAR-10, Fashion-MNIST), in the rounds and the fine-tune alike;
       bench/suite.py gives its fixed networks the same value. On the 4,170 CIFAR-10 pictures 1e-4 halved
       growth's lead at 20M MACs; on Fashion-MNIST it was worth +0.19 points to the grown network at 3M.
     - finetune_warmup 0.15: the fine-tune's one-cycle rises to its peak over 15% of its steps, as

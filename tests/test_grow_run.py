@@ -50,7 +50,7 @@ def test_the_run_chooses_its_weight_decay_from_the_pictures_and_records_it(finis
     out, result = finished_run
     sizes = result.history["dataset"]
     assert sizes["train"] + sizes["val"] == 20_000
-    assert result.history["weight_decay"] == weight_decay_for(20_000) == pytest.approx(1.25e-4)
+    assert result.history["weight_decay"] == weight_decay_for(20_000) == pytest.approx(2.5e-4)
     given = grow_network(tiny_config(tmp_path / "given", weight_decay=1e-3, train_subset=1000, max_rounds=1,
                                      finetune_epochs=0))
     assert given.history["weight_decay"] == 1e-3
