@@ -88,8 +88,7 @@ def splits_of(config: GrowConfig):
 
 def run_fixed(spec: ArchSpec, config: GrowConfig, epochs: int, lr: float = SCRATCH_LR) -> dict:
     splits = splits_of(config)
-    pictures = len(splits.train) + len(splits.val)  # the grown row's weight decay (GrowConfig.weight_decay_for)
-    recipe = dataclasses.replace(config.recipe(pictures), lr=lr, warmup=SCRATCH_WARMUP)
+    recipe = dataclasses.replace(config.recipe(splits.labelled()), lr=lr, warmup=SCRATCH_WARMUP)
     device = resolve_device(config.device)  # the grown row's device and precision, for a fair clock
     result = train_spec(spec, splits, epochs, recipe, seed=config.seed, batch_size=config.batch_size,
                         augment=config.augments(), include_val=True, device=device,

@@ -306,7 +306,7 @@ class _Run:
         if self.splits.info.storage == "stream":
             reporter.message(f"{self.splits.info.name}: {self.splits.info.storage_note}")
         guards.check_splits(self.splits, reporter.message, config.batch_size)
-        self.pictures = len(self.splits.train) + len(self.splits.val)
+        self.pictures = self.splits.labelled()
         self.weight_decay = config.weight_decay_for(self.pictures)
         info = self.splits.info
         self.train_batches = Batches(self.splits.train, config.batch_size, info=info, train=True,

@@ -59,6 +59,10 @@ class Splits:
     test: TensorSet
     info: DatasetInfo
 
+    def labelled(self) -> int:
+        """Pictures with a label a network may train on (train + validation; what the weight decay follows)."""
+        return len(self.train) + len(self.val)
+
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "synthetic", "imagefolder",
                              "imagenet")

@@ -163,8 +163,8 @@ def test_the_fine_tune_warm_up_is_an_option_and_the_suites_fixed_rows_keep_the_r
 def test_weight_decay_falls_with_the_pictures_and_every_row_of_the_suite_gets_the_grown_rows(tmp_path, monkeypatch):
     """The default weight decay is 5e-4 on a few thousand pictures (the CIFAR-10 pictures here), falls
     as one over their number above 10,000 and stays at 1e-4 from 50,000 (Fashion-MNIST); --weight-decay
-    overrides it; the suite's fixed networks
-    train with the value the grown network of the same data gets, so no row is regularized differently."""
+    overrides it; the suite's fixed networks train with the value the grown network of the same data
+    gets, so no row is regularized differently."""
     assert weight_decay_for(4_170) == weight_decay_for(10_000) == 5e-4
     assert weight_decay_for(20_000) == pytest.approx(2.5e-4)
     assert weight_decay_for(50_000) == weight_decay_for(60_000) == weight_decay_for(1_281_167) == 1e-4
@@ -178,7 +178,7 @@ def test_weight_decay_falls_with_the_pictures_and_every_row_of_the_suite_gets_th
     used = []
     real = suite.train_spec
     monkeypatch.setattr(suite, "train_spec", lambda spec, splits, epochs, recipe, **kw: (
-        used.append((recipe, len(splits.train) + len(splits.val))), real(spec, splits, epochs, recipe, **kw))[1])
+        used.append((recipe, splits.labelled())), real(spec, splits, epochs, recipe, **kw))[1])
     shallow = hand_shapes("vgg", (3, 16, 16), 10)["shallow"]
     suite.run_fixed(shallow, tiny_config(tmp_path / "a", train_subset=12_000, budget_macs=600_000), epochs=1)
     suite.run_fixed(shallow, tiny_config(tmp_path / "b", train_subset=12_000, weight_decay=2e-4), epochs=1)
